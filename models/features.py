@@ -1,0 +1,55 @@
+"""The feature contract between the bid path, training data and model artifacts.
+
+A scored row is a set of hashed indices, one (or several, for multi-valued
+fields) per field. The row is split in two parts so that the bid path can score
+every candidate of a request in one matrix operation:
+
+* the *shared* part, the same for every candidate of one imp: request and user
+  fields (``REQUEST_FIELDS`` and the multi-valued ``segment``);
+* the *candidate* part, one fixed-width row per campaign x creative
+  (``CANDIDATE_FIELDS``), precomputed once when the catalog is loaded.
+
+Indices are ``blake2b(field \\x1f value)`` truncated to the hash space, so the
+same value hashes the same in training, in the artifact and in every worker.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+REQUEST_FIELDS: tuple[str, ...] = ("inventory", "devicetype", "os", "country", "hour")
+SEGMENT_FIELD = "segment"
+CANDIDATE_FIELDS: tuple[str, ...] = ("campaign", "creative", "size")
+ALL_FIELDS: tuple[str, ...] = REQUEST_FIELDS + (SEGMENT_FIELD,) + CANDIDATE_FIELDS
+
+DEFAULT_HASH_BITS = 20
+
+
+def feature_index(field: str, value: object, hash_bits: int = DEFAULT_HASH_BITS) -> int:
+    """Hash one ``field=value`` pair into ``[0, 2**hash_bits)``."""
+    digest = hashlib.blake2b(f"{field}\x1f{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << hash_bits) - 1)
+
+
+def shared_indices(
+    request: Mapping[str, object], segments: Iterable[int], hash_bits: int = DEFAULT_HASH_BITS
+) -> np.ndarray:
+    """Indices of the request fields and the user's segments, as an int64 vector."""
+    idx = [feature_index(f, request[f], hash_bits) for f in REQUEST_FIELDS]
+    idx.extend(feature_index(SEGMENT_FIELD, s, hash_bits) for s in segments)
+    return np.asarray(idx, dtype=np.int64)
+
+
+def candidate_indices(
+    candidates: Iterable[Mapping[str, object]], hash_bits: int = DEFAULT_HASH_BITS
+) -> np.ndarray:
+    """One row of ``CANDIDATE_FIELDS`` indices per candidate, as an (n, 3) int64 matrix."""
+    rows = [[feature_index(f, c[f], hash_bits) for f in CANDIDATE_FIELDS] for c in candidates]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, len(CANDIDATE_FIELDS))
+
+
+def size_key(w: int, h: int) -> str:
+    """The ``size`` feature value of a ``w`` x ``h`` creative."""
+    return f"{w}x{h}"
