@@ -7,6 +7,8 @@ test sends all speak about the same things.
 """
 from __future__ import annotations
 
+import random
+
 SITES: tuple[str, ...] = tuple(
     f"{name}.example"
     for name in (
@@ -47,3 +49,9 @@ def inventory_key(site_domain: str | None, app_bundle: str | None) -> str:
     if app_bundle:
         return f"app:{app_bundle}"
     return "unknown"
+
+
+def user_segments(n: int) -> tuple[int, ...]:
+    """The segments of the n-th synthetic user: 0-6 of ``N_SEGMENTS``, the same every time."""
+    rng = random.Random(n)
+    return tuple(sorted(rng.sample(range(N_SEGMENTS), rng.randint(0, 6))))
