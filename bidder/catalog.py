@@ -1,0 +1,208 @@
+"""The campaign catalog: load, validate, and compile into arrays for vectorised eligibility.
+
+A catalog that fails validation is refused at start with a message naming the
+campaign and the field. Compiling turns the campaigns into one row per
+campaign x creative (a *candidate*) plus per-campaign boolean masks keyed by
+targeting value, so a request's eligibility is a handful of numpy ``&``s.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import msgspec
+import numpy as np
+
+from bidder.currency import Rates, to_micros
+
+
+class Creative(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    w: int
+    h: int
+    adm: str
+
+
+class FrequencyCap(msgspec.Struct, forbid_unknown_fields=True):
+    impressions: int
+    window_s: int = 86400
+
+
+class Targeting(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    countries: list[str] = []
+    devicetypes: list[int] = []
+    domains_block: list[str] = []
+    domains_allow: list[str] = []
+    oses: list[str] = []
+
+
+class Campaign(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    id: str
+    adomain: list[str]
+    cat: list[str]
+    value_per_click: float
+    creatives: list[Creative]
+    currency: str = "USD"
+    targeting: Targeting | None = None
+    seat: str = "bidder"
+    bundle: str | None = None
+    deals: list[str] = []
+    budget: float | None = None  # total spend cap, in ``currency``
+    frequency_cap: FrequencyCap | None = None
+
+
+class CatalogFile(msgspec.Struct, forbid_unknown_fields=True):
+    campaigns: list[Campaign]
+
+
+class CatalogError(ValueError):
+    """The catalog file is unreadable or a campaign breaks a rule."""
+
+
+def bundled_path() -> str:
+    return str(resources.files("bidder") / "data" / "campaigns.json")
+
+
+def load(path: str | None, rates: Rates) -> "Catalog":
+    """Read, validate and compile the catalog at ``path`` (the bundled sample when None)."""
+    path = path or bundled_path()
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise CatalogError(f"cannot read campaign catalog {path}: {exc.strerror}") from None
+    try:
+        parsed = msgspec.json.decode(raw, type=CatalogFile)
+    except msgspec.ValidationError as exc:
+        raise CatalogError(f"campaign catalog {path}: {_name_campaign(raw, str(exc))}") from None
+    except msgspec.DecodeError as exc:
+        raise CatalogError(f"campaign catalog {path} is not valid JSON: {exc}") from None
+    for campaign in parsed.campaigns:
+        _validate(campaign, rates)
+    ids = [c.id for c in parsed.campaigns]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise CatalogError(f"campaign catalog {path}: duplicate campaign id(s) {duplicates}")
+    return Catalog(parsed.campaigns, rates, os.path.abspath(path))
+
+
+def _name_campaign(raw: bytes, message: str) -> str:
+    """Turn msgspec's ``$.campaigns[3].cat`` into ``campaign 'c4': ... at $.campaigns[3].cat``."""
+    marker = "$.campaigns["
+    if marker not in message:
+        return message
+    index = int(message.split(marker, 1)[1].split("]", 1)[0])
+    try:
+        campaign_id = msgspec.json.decode(raw)["campaigns"][index].get("id", f"#{index}")
+    except (msgspec.DecodeError, KeyError, IndexError, AttributeError, TypeError):
+        campaign_id = f"#{index}"
+    return f"campaign {campaign_id!r}: {message}"
+
+
+def _validate(c: Campaign, rates: Rates) -> None:
+    def fail(field_name: str, why: str) -> None:
+        raise CatalogError(f"campaign {c.id!r}, field {field_name!r}: {why}")
+
+    if not c.id:
+        raise CatalogError("a campaign has an empty 'id'")
+    if not c.adomain:
+        fail("adomain", "list at least one advertiser domain (OpenRTB Bid.adomain)")
+    if not (c.value_per_click > 0):
+        fail("value_per_click", "must be a positive amount")
+    if not rates.knows(c.currency):
+        fail("currency", f"{c.currency!r} has no rate; add it with --currency-rates")
+    if not c.creatives:
+        fail("creatives", "a campaign needs at least one creative")
+    seen: set[str] = set()
+    for cr in c.creatives:
+        if cr.id in seen:
+            fail("creatives", f"duplicate creative id {cr.id!r}")
+        seen.add(cr.id)
+        if cr.w <= 0 or cr.h <= 0:
+            fail("creatives", f"creative {cr.id!r} needs positive w and h")
+        if not cr.adm:
+            fail("creatives", f"creative {cr.id!r} has an empty adm")
+    if c.budget is not None and not c.budget > 0:
+        fail("budget", "must be a positive amount (or absent for no cap)")
+    if c.frequency_cap is not None and (c.frequency_cap.impressions <= 0
+                                        or c.frequency_cap.window_s <= 0):
+        fail("frequency_cap", "impressions and window_s must be positive")
+
+
+@dataclass
+class Catalog:
+    """Campaigns compiled for the bid path."""
+
+    campaigns: list[Campaign]
+    rates: Rates
+    path: str
+    # one entry per campaign
+    value_per_click_usd: np.ndarray = field(init=False)
+    budget_micros: list[int | None] = field(init=False)
+    # one entry per candidate (campaign x creative)
+    cand_campaign: np.ndarray = field(init=False)
+    cand_w: np.ndarray = field(init=False)
+    cand_h: np.ndarray = field(init=False)
+    candidates: list[tuple[Campaign, Creative]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.campaigns)
+        self.index = {c.id: i for i, c in enumerate(self.campaigns)}
+        self.value_per_click_usd = np.array(
+            [self.rates.to_usd(c.value_per_click, c.currency) for c in self.campaigns])
+        self.budget_micros = [None if c.budget is None
+                              else to_micros(self.rates.to_usd(c.budget, c.currency))
+                              for c in self.campaigns]
+        self.capped = [i for i, c in enumerate(self.campaigns) if c.frequency_cap]
+        self.candidates = [(c, cr) for c in self.campaigns for cr in c.creatives]
+        self.cand_campaign = np.array([self.index[c.id] for c, _ in self.candidates], dtype=np.intp)
+        self.cand_w = np.array([cr.w for _, cr in self.candidates])
+        self.cand_h = np.array([cr.h for _, cr in self.candidates])
+        self.all = np.ones(n, dtype=bool)
+        self.none = np.zeros(n, dtype=bool)
+
+        def allow(values_of) -> tuple[dict, np.ndarray]:
+            """value -> campaigns targeting it (or not targeting at all), and the untargeted."""
+            untargeted = np.array([not values_of(c) for c in self.campaigns], dtype=bool)
+            table: dict = {}
+            for i, c in enumerate(self.campaigns):
+                for v in values_of(c):
+                    table.setdefault(v, untargeted.copy())[i] = True
+            return table, untargeted
+
+        def member(values_of) -> dict:
+            """value -> campaigns that list it."""
+            table: dict = {}
+            for i, c in enumerate(self.campaigns):
+                for v in values_of(c):
+                    table.setdefault(v, np.zeros(n, dtype=bool))[i] = True
+            return table
+
+        t = lambda c: c.targeting or Targeting()  # noqa: E731
+        self.by_country, self.any_country = allow(lambda c: t(c).countries)
+        self.by_devicetype, self.any_devicetype = allow(lambda c: t(c).devicetypes)
+        self.by_os, self.any_os = allow(lambda c: [o.lower() for o in t(c).oses])
+        self.by_domain_allow, self.any_domain = allow(lambda c: t(c).domains_allow)
+        self.by_domain_block = member(lambda c: t(c).domains_block)
+        # a blocked IAB category also blocks its subcategories ("IAB18" blocks "IAB18-1")
+        self.by_cat = member(lambda c: {p for cat in c.cat for p in (cat, cat.split("-")[0])})
+        self.by_adomain = member(lambda c: c.adomain)
+        self.by_bundle = member(lambda c: [c.bundle] if c.bundle else [])
+        self.by_seat = member(lambda c: [c.seat])
+        self.by_deal = member(lambda c: c.deals)
+
+    def any_of(self, table: dict, values: list | None) -> np.ndarray:
+        """Campaigns that list at least one of ``values``."""
+        mask = self.none
+        for v in values or ():
+            hit = table.get(v)
+            if hit is not None:
+                mask = mask | hit
+        return mask
+
+    def targeted(self, table: dict, untargeted: np.ndarray, value) -> np.ndarray:
+        """Campaigns that target ``value`` or do not target that dimension at all."""
+        if value is None:
+            return untargeted
+        return table.get(value, untargeted)

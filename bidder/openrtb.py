@@ -1,0 +1,184 @@
+"""OpenRTB 2.6 BidRequest / BidResponse as typed msgspec structs.
+
+Only the objects and fields the bidder reads are declared; every other field
+(``ext``, ``regs``, ``source``, video, native...) is skipped by the decoder
+without being built. Types are strict: ``"bidfloor": "0.5"`` is a 400, as the
+specification types it as a float. Field names and defaults follow 2.6.md.
+"""
+from __future__ import annotations
+
+import msgspec
+from msgspec import Struct, field
+
+
+class Format(Struct, omit_defaults=True):
+    w: int | None = None
+    h: int | None = None
+
+
+class Banner(Struct, omit_defaults=True):
+    format: list[Format] | None = None
+    w: int | None = None
+    h: int | None = None
+    btype: list[int] | None = None
+    battr: list[int] | None = None
+
+
+class Deal(Struct, omit_defaults=True):
+    id: str
+    bidfloor: float = 0.0
+    bidfloorcur: str = "USD"
+    at: int | None = None
+    wseat: list[str] | None = None
+    wadomain: list[str] | None = None
+
+
+class Pmp(Struct, omit_defaults=True):
+    private_auction: int = 0
+    deals: list[Deal] | None = None
+
+
+class Imp(Struct, omit_defaults=True):
+    id: str
+    banner: Banner | None = None
+    pmp: Pmp | None = None
+    tagid: str | None = None
+    bidfloor: float = 0.0
+    bidfloorcur: str = "USD"
+    secure: int | None = None
+    instl: int = 0
+
+
+class Publisher(Struct, omit_defaults=True):
+    id: str | None = None
+    name: str | None = None
+    domain: str | None = None
+
+
+class Site(Struct, omit_defaults=True):
+    id: str | None = None
+    name: str | None = None
+    domain: str | None = None
+    page: str | None = None
+    cat: list[str] | None = None
+    publisher: Publisher | None = None
+
+
+class App(Struct, omit_defaults=True):
+    id: str | None = None
+    name: str | None = None
+    bundle: str | None = None
+    domain: str | None = None
+    cat: list[str] | None = None
+    publisher: Publisher | None = None
+
+
+class Geo(Struct, omit_defaults=True):
+    country: str | None = None
+    region: str | None = None
+    city: str | None = None
+    utcoffset: int | None = None
+
+
+class Device(Struct, omit_defaults=True):
+    ua: str | None = None
+    ip: str | None = None
+    geo: Geo | None = None
+    devicetype: int | None = None
+    os: str | None = None
+    ifa: str | None = None
+    language: str | None = None
+
+
+class User(Struct, omit_defaults=True):
+    id: str | None = None
+    buyeruid: str | None = None
+    yob: int | None = None
+    geo: Geo | None = None
+
+
+class BidRequest(Struct, omit_defaults=True):
+    id: str
+    imp: list[Imp]
+    site: Site | None = None
+    app: App | None = None
+    device: Device | None = None
+    user: User | None = None
+    test: int = 0
+    at: int = 2
+    tmax: int | None = None
+    wseat: list[str] | None = None
+    bseat: list[str] | None = None
+    cur: list[str] | None = None
+    bcat: list[str] | None = None
+    badv: list[str] | None = None
+    bapp: list[str] | None = None
+
+
+class Bid(Struct, omit_defaults=True):
+    id: str
+    impid: str
+    price: float
+    adm: str
+    nurl: str
+    burl: str
+    adomain: list[str]
+    crid: str
+    cid: str
+    cat: list[str]
+    w: int
+    h: int
+    mtype: int = 1  # 2.6: markup type 1 = banner
+    dealid: str | None = None
+    bundle: str | None = None
+
+
+class SeatBid(Struct, omit_defaults=True):
+    bid: list[Bid]
+    seat: str | None = None
+
+
+class BidResponse(Struct, omit_defaults=True):
+    id: str
+    seatbid: list[SeatBid]
+    bidid: str | None = None
+    cur: str = field(default="USD")
+
+
+REQUEST_DECODER = msgspec.json.Decoder(BidRequest)
+RESPONSE_ENCODER = msgspec.json.Encoder()
+
+
+class InvalidRequest(ValueError):
+    """The body is JSON of the wrong shape or breaks a rule of the specification."""
+
+
+def decode_request(body: bytes) -> BidRequest:
+    """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``."""
+    request = REQUEST_DECODER.decode(body)
+    if not request.id:
+        raise InvalidRequest("BidRequest.id must be a non-empty string")
+    if not request.imp:
+        raise InvalidRequest("BidRequest.imp must hold at least one Imp")
+    seen: set[str] = set()
+    for imp in request.imp:
+        if not imp.id:
+            raise InvalidRequest("every Imp needs a non-empty id")
+        if imp.id in seen:
+            raise InvalidRequest(f"duplicate Imp.id {imp.id!r}: imp ids must be unique in a request")
+        seen.add(imp.id)
+        if imp.bidfloor < 0:
+            raise InvalidRequest(f"Imp {imp.id!r}: bidfloor must be >= 0")
+        if imp.pmp and imp.pmp.deals:
+            for deal in imp.pmp.deals:
+                if deal.bidfloor < 0:
+                    raise InvalidRequest(f"Imp {imp.id!r} deal {deal.id!r}: bidfloor must be >= 0")
+    if request.tmax is not None and request.tmax <= 0:
+        raise InvalidRequest("tmax must be a positive number of milliseconds")
+    if request.at not in (1, 2) and request.at < 500:
+        raise InvalidRequest("at must be 1 (first price), 2 (second price) or an exchange value >= 500")
+    return request
+
+
+def encode_response(response: BidResponse) -> bytes:
+    return RESPONSE_ENCODER.encode(response)
