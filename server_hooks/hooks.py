@@ -1,7 +1,13 @@
 """Gunicorn server hooks: the master/worker life cycle of the bid server, top to bottom.
 
 ``bidder serve`` installs these functions as Gunicorn's hooks. They read the
-resolved ``Settings`` from ``server.app.settings`` (the arbiter's application).
+resolved ``Settings`` from ``server.app.settings`` (the arbiter's application),
+or from ``BIDDER_*`` environment variables when Gunicorn is run directly.
+
+Master: ``when_ready`` plans slot -> CPU once (a bad ``--cpu-map`` stops the
+start with a clear message) and freezes the preloaded heap; ``pre_fork`` gives
+the new worker a stable slot; ``child_exit`` frees it. Worker: ``post_fork``
+pins to the slot's CPU, sets the EEVDF slice and reports where it runs.
 """
 from __future__ import annotations
 
@@ -9,25 +15,78 @@ import gc
 import os
 
 from bidder import metrics
+from bidder.settings import Settings, resolve
+from server_hooks import sched
+from server_hooks.pinning import CpuMapError, CpuPlan, pin, plan_cpus
+from server_hooks.slots import SlotTable
+from server_hooks.topology import Topology, format_cpulist
+
+_plan: CpuPlan | None = None
+_slots: SlotTable | None = None
+
+
+def _settings(server) -> Settings:
+    settings = getattr(server.app, "settings", None)
+    return settings if isinstance(settings, Settings) else resolve()
+
+
+def plan_for(settings: Settings, allowed: set[int] | None = None) -> CpuPlan:
+    """The slot -> CPU plan of these settings on this machine (raises CpuMapError)."""
+    allowed = os.sched_getaffinity(0) if allowed is None else allowed
+    if not settings.pin:  # slots are still spread over the CPUs, nothing is pinned
+        return CpuPlan(tuple(sorted(allowed)))
+    return plan_cpus(allowed, Topology.from_sysfs(), settings.reserve_cpus or "",
+                     settings.cpu_map)
 
 
 def when_ready(server) -> None:
-    """Master is listening; the app (preloaded) is loaded. Freeze it so forks share it."""
+    """Master is listening; the app (preloaded) is loaded. Plan CPUs, freeze the heap."""
+    global _plan, _slots
+    settings = _settings(server)
+    try:
+        _plan = plan_for(settings)
+    except CpuMapError as exc:
+        raise RuntimeError(str(exc)) from None  # Gunicorn prints "Error: ..." and exits 1
+    for warning in _plan.warnings:
+        server.log.warning("pinning: %s", warning)
+    _slots = SlotTable(_plan.cpu_for, len(_plan.order))
+    server.log.info("pinning %s: slot i -> CPU %s[i %% %d]",
+                    "on" if settings.pin else "off", list(_plan.order), len(_plan.order))
     gc.collect()
     gc.freeze()  # preloaded catalog and model arrays stay shared copy-on-write
 
 
 def pre_fork(server, worker) -> None:
-    """Master, just before fork."""
+    """Master, just before fork: give the worker a stable slot and the shared board."""
+    live = {getattr(w, "slot", None) for w in server.WORKERS.values()}
+    for slot in _slots.taken - live:  # a worker gone without child_exit (kill_worker ESRCH)
+        _slots.release(slot)
+    worker.slot = _slots.acquire()
+    worker.board = _slots.board
 
 
 def post_fork(server, worker) -> None:
-    """Worker, just after fork: place the worker and say where it runs."""
-    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-    metrics.record_worker(slot=worker.age, pid=os.getpid(), cpus=cpus, slice_ns=None)
-    server.log.info("worker pid=%s cpus=%s", os.getpid(), cpus)
+    """Worker, just after fork: pin, set the slice, say where it runs."""
+    settings = _settings(server)
+    if settings.pin:
+        warning = pin(_plan.cpu_for(worker.slot))
+        if warning:
+            server.log.warning("worker slot=%s: %s", worker.slot, warning)
+    if settings.slice_ms:
+        slice_ns, warning = sched.apply_slice(settings.slice_ms)
+        if warning:
+            server.log.warning("worker slot=%s: %s", worker.slot, warning)
+    else:
+        slice_ns = sched.read_slice()
+    cpus = format_cpulist(os.sched_getaffinity(0))
+    metrics.record_worker(slot=worker.slot, pid=os.getpid(), cpus=cpus, slice_ns=slice_ns)
+    server.log.info("worker slot=%s pid=%s cpus=%s slice_ns=%s", worker.slot, os.getpid(), cpus,
+                    slice_ns)
 
 
 def child_exit(server, worker) -> None:
-    """Master, after a worker exited (any cause)."""
+    """Master, after a worker exited (any cause): free its slot for the replacement."""
+    slot = getattr(worker, "slot", None)
+    if slot is not None and _slots is not None:
+        _slots.release(slot)
     metrics.mark_worker_dead(worker.pid)

@@ -1,0 +1,79 @@
+"""A gthread worker that shares keep-alive connections evenly with its siblings.
+
+Plain Gunicorn workers race on ``accept`` on the shared listener: whichever
+wakes first takes the connection, and one worker often ends up with most of an
+exchange's long-lived keep-alive connections. Unpinned, the kernel moves the
+busy worker around; pinned, its neighbours idle while its queue grows.
+
+:class:`BalancedThreadWorker` keeps the listener registered only while it holds
+no more open connections than its least-loaded live sibling. Counts live in a
+shared-memory :class:`~server_hooks.slots.ConnectionBoard` (one cell per slot,
+written on every change of ``nr_conns``), so the decision needs no messages.
+The true least-loaded worker always sees itself eligible (a count is published
+the moment it grows, so a stale cell can only look busier than it is), so the
+listener is never orphaned for longer than :data:`RECHECK_S`, the poll interval
+of a worker waiting for its turn. Connections therefore differ by at most one
+between workers. Without a slot (hooks not installed) or with one worker it
+accepts exactly like gthread.
+"""
+from __future__ import annotations
+
+from gunicorn.workers.gthread import ThreadWorker
+
+from server_hooks.slots import ConnectionBoard
+
+# How often a worker that is not accepting re-reads the board: the longest a new connection
+# can wait in the backlog when the worker whose turn it is has just become eligible.
+RECHECK_S = 0.005
+
+
+class BalancedThreadWorker(ThreadWorker):
+    """gthread, accepting only while this worker holds the fewest open connections."""
+
+    slot: int | None = None  # set by the master's pre_fork hook
+    board: ConnectionBoard | None = None  # idem, shared by all workers of the master
+    _joined = False
+    _conns = 0
+
+    @property  # type: ignore[override]
+    def nr_conns(self) -> int:
+        return self._conns
+
+    @nr_conns.setter
+    def nr_conns(self, value: int) -> None:
+        # gthread changes nr_conns on accept and close; publish every change at once.
+        self._conns = value
+        if self._joined:
+            self.board.set(self.slot, value)
+
+    def run(self) -> None:
+        if self.board is not None and self.slot is not None and self.board.covers(self.slot):
+            self._joined = True
+            self.board.set(self.slot, self._conns)
+        else:
+            self.log.warning("worker pid=%s has no connection board slot (server_hooks.hooks not "
+                             "installed?): accepting without balancing", self.pid)
+        try:
+            super().run()
+        finally:
+            self._leave()
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        if enabled and self._joined and not self.board.is_least_loaded(self._conns):
+            enabled = False
+        super().set_accept_enabled(enabled)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._joined:
+            if not self.alive:
+                self._leave()  # stopping: siblings must not wait for this worker's turn
+            else:
+                self.set_accept_enabled(self._conns < self.worker_connections)
+                if not self._accepting:
+                    timeout = min(timeout, RECHECK_S)
+        super().wait_for_and_dispatch_events(timeout)
+
+    def _leave(self) -> None:
+        if self._joined:
+            self._joined = False
+            self.board.clear(self.slot)
