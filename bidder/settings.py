@@ -70,6 +70,9 @@ SETTINGS: tuple[Setting, ...] = (
             type=int),
     Setting("pid", "--pid", None, "Write the master's PID to this file (as Gunicorn's --pid).",
             metavar="FILE"),
+    Setting("app", "--app", None, "WSGI app to serve instead of the bidder, MODULE:CALLABLE "
+            "(benchmarks serve a hello-world app through the very same server configuration).",
+            metavar="MODULE:CALLABLE"),
     Setting("log_level", "--log-level", "info", "Log level: debug, info, warning, error."),
     Setting("access_log", "--access-log", False, "Log every request (costs CPU on the bid path).",
             type=_bool, boolean=True),

@@ -1,0 +1,274 @@
+"""The Falcon WSGI app: bid, notices, health, readiness and metrics resources.
+
+``create_app(settings)`` runs once in the Gunicorn master (``preload_app``):
+the catalog, the model and the compiled arrays are built before fork and
+shared copy-on-write. Sockets and file handles (memcached, the ledger) are
+opened per process after fork.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import sqlite3
+import time
+import zlib
+from urllib.parse import parse_qsl
+
+import falcon
+import msgspec
+
+from bidder import catalog as catalog_mod
+from bidder import metrics
+from bidder.auction import Auction, NoBid
+from bidder.currency import Rates, to_micros
+from bidder.featurestore import FeatureStore, frequency_key, parse_servers
+from bidder.ledger import Ledger, Notice
+from bidder.notices import NoticeError, NoticeSigner
+from bidder.openrtb import InvalidRequest, decode_request, encode_response
+from bidder.settings import Settings
+from models.artifact import ModelHandle
+
+log = logging.getLogger("bidder.app")
+
+OPENRTB_VERSION = "2.6"
+JSON_TYPES = ("application/json", "text/json", "text/plain")  # text/plain: some exchanges' SDKs
+
+
+class ProcessState:
+    """Per-process resources, (re)opened in each worker after fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.servers = parse_servers(settings.memcached)
+        self._open()
+        os.register_at_fork(after_in_child=self._open)
+
+    def _open(self) -> None:
+        s = self.settings
+        self.store = FeatureStore(self.servers, s.memcached_connect_timeout_ms,
+                                  s.memcached_timeout_ms, s.memcached_retry_ms)
+        self.ledger = Ledger(s.ledger)
+
+
+class BidResource:
+    """``POST /openrtb2/bid``: 200 BidResponse, 204 no-bid, 4xx for bad input."""
+
+    def __init__(self, auction: Auction, models: ModelHandle, state: ProcessState,
+                 settings: Settings) -> None:
+        self.auction = auction
+        self.models = models
+        self.state = state
+        self.max_body = settings.max_body_bytes
+        self.default_tmax_s = settings.default_tmax_ms / 1000.0
+        self.margin_s = settings.safety_margin_ms / 1000.0
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        arrived = time.monotonic()
+        try:
+            self._bid(req, resp, arrived)
+        finally:
+            metrics.REQUESTS.labels(str(resp.status_code)).inc()
+            metrics.LATENCY.observe(time.monotonic() - arrived)
+
+    def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
+        body = self._read_body(req)
+        try:
+            request = decode_request(body)
+        except (msgspec.DecodeError, InvalidRequest) as exc:
+            raise BadRequest(f"invalid OpenRTB 2.6 BidRequest: {exc}")
+        tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
+        deadline = arrived + tmax_s - min(self.margin_s, tmax_s / 2)
+        self.models.maybe_reload()
+        try:
+            outcome = self.auction.bid(request, self.state.store, self.state.ledger,
+                                       self.models.current, deadline)
+        except Exception:  # a bug must cost one no-bid, never a 5xx to the exchange
+            log.exception("bid request %s failed; answered no-bid", request.id)
+            outcome = NoBid("internal_error")
+        resp.set_header("X-OpenRTB-Version", OPENRTB_VERSION)
+        if isinstance(outcome, NoBid):
+            resp.status = falcon.HTTP_204
+            resp.set_header("X-Nobid-Reason", outcome.reason)
+            metrics.NOBIDS.labels(outcome.reason).inc()
+            return
+        payload = encode_response(outcome)
+        resp.content_type = falcon.MEDIA_JSON
+        if "gzip" in (req.get_header("Accept-Encoding") or ""):
+            payload = gzip.compress(payload, compresslevel=1, mtime=0)
+            resp.set_header("Content-Encoding", "gzip")
+            resp.set_header("Vary", "Accept-Encoding")
+        resp.data = payload
+        metrics.BIDS.inc(sum(len(sb.bid) for sb in outcome.seatbid))
+
+    def _read_body(self, req: falcon.Request) -> bytes:
+        ctype = (req.content_type or "").split(";", 1)[0].strip().lower()
+        if ctype not in JSON_TYPES:
+            raise UnsupportedMediaType(
+                f"Content-Type {req.content_type or '(none)'} is not supported: send the "
+                "BidRequest as application/json")
+        length = req.content_length
+        if length is not None and length > self.max_body:
+            raise PayloadTooLarge(f"body of {length} bytes is over the {self.max_body}-byte limit")
+        body = req.bounded_stream.read(self.max_body + 1)
+        if len(body) > self.max_body:
+            raise PayloadTooLarge(f"body is over the {self.max_body}-byte limit")
+        encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
+        if encoding == "gzip":
+            inflater = zlib.decompressobj(wbits=31)
+            try:
+                body = inflater.decompress(body, self.max_body + 1)
+            except zlib.error as exc:
+                raise BadRequest(f"Content-Encoding is gzip but the body does not inflate: {exc}")
+            if len(body) > self.max_body or inflater.unconsumed_tail:
+                raise PayloadTooLarge(
+                    f"body inflates to more than the {self.max_body}-byte limit")
+        elif encoding != "identity":
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding!r} is not supported: send identity or gzip")
+        if not body:
+            raise BadRequest("empty body: POST an OpenRTB 2.6 BidRequest as JSON")
+        return body
+
+
+class NoticeResource:
+    """``GET|POST /notice/{kind}``: win (nurl) and billing (burl) notices, each booked once."""
+
+    def __init__(self, signer: NoticeSigner, rates: Rates, state: ProcessState,
+                 auction: Auction) -> None:
+        self.signer = signer
+        self.rates = rates
+        self.state = state
+        self.capped = {c.id: c for c in auction.catalog.campaigns if c.frequency_cap}
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, kind: str) -> None:
+        if kind not in ("win", "billing"):
+            raise falcon.HTTPNotFound(description=f"unknown notice kind {kind!r}: win or billing")
+        # the price macro is substituted verbatim; parse the raw query so '+' etc. survive
+        params = dict(parse_qsl(req.query_string, keep_blank_values=True))
+        try:
+            fields, price = self.signer.verify(kind, params)
+            if not self.rates.knows(fields["cur"]):
+                raise NoticeError(f"currency {fields['cur']!r} has no rate")
+        except NoticeError as exc:
+            metrics.NOTICES.labels(kind, "refused").inc()
+            raise BadRequest(f"{kind} notice refused: {exc}")
+        notice = Notice(kind=kind, bid_id=fields["b"], campaign=fields["c"], creative=fields["r"],
+                        imp_id=fields["i"], user_key=fields["u"],
+                        price_micros=to_micros(self.rates.to_usd(price, fields["cur"])),
+                        currency=fields["cur"], test=fields["t"] == "1")
+        new = self.state.ledger.record(notice)
+        metrics.NOTICES.labels(kind, "booked" if new else "duplicate").inc()
+        if new and kind == "billing" and not notice.test:
+            metrics.SPEND_MICROS.labels(notice.campaign).inc(notice.price_micros // 1000)
+            campaign = self.capped.get(notice.campaign)
+            if campaign is not None and notice.user_key:
+                self.state.store.count_impression(frequency_key(campaign.id, notice.user_key),
+                                                  campaign.frequency_cap.window_s)
+        resp.media = {"status": "booked" if new else "duplicate", "bid": notice.bid_id}
+
+    on_post = on_get
+
+
+class HealthResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok", "pid": os.getpid()}
+
+
+class ReadyResource:
+    """200 when catalog and model are loaded (memcached is reported, but only degrades)."""
+
+    def __init__(self, auction: Auction, models: ModelHandle, state: ProcessState) -> None:
+        self.auction = auction
+        self.models = models
+        self.state = state
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        catalog = self.auction.catalog
+        components = {
+            "catalog": {"ok": bool(catalog.campaigns), "path": catalog.path,
+                        "campaigns": len(catalog.campaigns),
+                        "candidates": len(catalog.candidates)},
+            "model": {"ok": bool(self.models.status().get("loaded")), **self.models.status()},
+            "memcached": self.state.store.status(),
+        }
+        ready = components["catalog"]["ok"] and components["model"]["ok"]
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.media = {"ready": ready, "pid": os.getpid(), "components": components}
+
+
+class MetricsResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.data = metrics.render()
+
+
+class BadRequest(falcon.HTTPBadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(title="Bad Request", description=message)
+
+
+class PayloadTooLarge(falcon.HTTPContentTooLarge):
+    def __init__(self, message: str) -> None:
+        super().__init__(title="Payload Too Large",
+                         description=message + "; raise --max-body-bytes if it is legitimate")
+
+
+class UnsupportedMediaType(falcon.HTTPUnsupportedMediaType):
+    def __init__(self, message: str) -> None:
+        super().__init__(title="Unsupported Media Type", description=message)
+
+
+def _error_serializer(req: falcon.Request, resp: falcon.Response,
+                      exc: falcon.HTTPError) -> None:
+    """Every error is ``{"error": "..."}`` and one log line (4xx never reaches the exchange as 5xx)."""
+    message = exc.description or exc.title
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = msgspec.json.encode({"error": message})
+    if exc.status_code < 500:
+        metrics.BAD_REQUESTS.labels(str(exc.status_code)).inc()
+        log.warning("%s %s -> %d: %s", req.method, req.path, exc.status_code, message)
+
+
+class _MsgspecJSON(falcon.media.BaseHandler):
+    """msgspec for every JSON media body Falcon handles (health, readiness, notices)."""
+
+    def serialize(self, media, content_type) -> bytes:
+        return msgspec.json.encode(media)
+
+    def deserialize(self, stream, content_type, content_length):
+        return msgspec.json.decode(stream.read())
+
+
+class StartupError(RuntimeError):
+    """The server cannot start: a bad catalog, model, rate table or ledger path."""
+
+
+def create_app(settings: Settings) -> falcon.App:
+    try:
+        rates = Rates.parse(settings.currency_rates)
+        catalog = catalog_mod.load(settings.campaigns, rates)
+        models = ModelHandle(settings.model, watch_s=settings.model_watch_s)
+    except (ValueError, OSError) as exc:  # CatalogError, CurrencyError, artifact errors
+        raise StartupError(str(exc)) from None
+    signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret)
+    auction = Auction(catalog, rates, signer)
+    auction.candidate_features(models.current.hash_bits)  # hash before fork, shared by workers
+    try:
+        state = ProcessState(settings)
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        raise StartupError(f"cannot open the ledger {settings.ledger!r} or the feature store: "
+                           f"{exc}") from None
+
+    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    handler = _MsgspecJSON()
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
+    app.set_error_serializer(_error_serializer)
+    app.add_route("/openrtb2/bid", BidResource(auction, models, state, settings))
+    app.add_route("/notice/{kind}", NoticeResource(signer, rates, state, auction))
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(auction, models, state))
+    app.add_route("/metrics", MetricsResource())
+    app.models = models  # for SIGHUP reloads from the master
+    return app

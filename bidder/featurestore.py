@@ -1,0 +1,144 @@
+"""User features in memcached: the key scheme, the serde, and a per-worker client.
+
+One ``get_many`` per bid request fetches every id the request carries
+(``user.buyeruid``, ``user.id``, ``device.ifa``); the first hit wins. Values are
+msgpack arrays (``UserFeatures`` as ``array_like``): compact, schema-checked on
+decode, no pickle. A fault (refused, timed out, garbage) answers with default
+features, and HashClient drops that server from the ring for ``retry_ms``
+before trying it again: the bid is still answered in time.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import msgspec
+from pymemcache.client.hash import HashClient
+
+from bidder import metrics
+
+log = logging.getLogger("bidder.featurestore")
+
+KEY_PREFIX = "u:"
+MAX_PLAIN_ID = 200  # memcached keys are at most 250 bytes of printable ASCII without spaces
+
+
+class UserFeatures(msgspec.Struct, array_like=True, omit_defaults=True):
+    segments: list[int] = []
+
+
+DEFAULT_FEATURES = UserFeatures()
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(UserFeatures)
+
+
+FLAG_FEATURES = 0
+FLAG_COUNTER = 1
+
+
+class UserFeaturesSerde:
+    """pymemcache serde: ``UserFeatures`` <-> msgpack (flag 0); frequency counters as ASCII ints
+    (flag 1, the form memcached's ``incr`` works on)."""
+
+    def serialize(self, key: bytes | str, value: UserFeatures | int) -> tuple[bytes, int]:
+        if isinstance(value, int):
+            return str(value).encode(), FLAG_COUNTER
+        return _ENCODER.encode(value), FLAG_FEATURES
+
+    def deserialize(self, key: bytes | str, value: bytes, flags: int) -> UserFeatures | int | None:
+        try:
+            if flags == FLAG_COUNTER:
+                return int(value)
+            return _DECODER.decode(value)
+        except (msgspec.DecodeError, ValueError):
+            log.warning("undecodable value under key %r (flags %d): ignored", key, flags)
+            return None
+
+
+def user_key(user_id: str) -> str:
+    """The memcached key of a user id; ids that are not safe keys are hashed."""
+    if len(user_id) <= MAX_PLAIN_ID and user_id.isascii() and user_id.isprintable() \
+            and " " not in user_id:
+        return KEY_PREFIX + user_id
+    return "u#" + hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
+
+
+def frequency_key(campaign_id: str, user_key_: str) -> str:
+    """Counter of billed impressions of one campaign to one user."""
+    return f"f:{campaign_id}:" + hashlib.blake2b(user_key_.encode(), digest_size=12).hexdigest()
+
+
+def parse_servers(spec: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port]`` -> [(host, port)]; ``none`` or empty -> []."""
+    if not spec or spec.strip().lower() == "none":
+        return []
+    servers = []
+    for item in spec.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"memcached server {item!r}: write it as HOST:PORT, e.g. 127.0.0.1:11211")
+        servers.append((host.strip("[]"), int(port)))
+    return servers
+
+
+class FeatureStore:
+    """Per-worker memcached client (create it after fork: sockets are not shared)."""
+
+    def __init__(self, servers: list[tuple[str, int]], connect_timeout_ms: float,
+                 timeout_ms: float, retry_ms: float) -> None:
+        self.servers = servers
+        self.timeout_s = timeout_ms / 1000.0
+        self.retry_s = retry_ms / 1000.0
+        self.last_error: str | None = None
+        self.client = HashClient(
+            servers, serde=UserFeaturesSerde(), connect_timeout=connect_timeout_ms / 1000.0,
+            timeout=timeout_ms / 1000.0, no_delay=True, retry_attempts=0,
+            dead_timeout=self.retry_s, ignore_exc=False, default_noreply=False,
+        ) if servers else None
+
+    def lookup(self, user_keys: list[str], counter_keys: list[str],
+               time_left_s: float) -> tuple[UserFeatures, dict[str, int]]:
+        """Features of the first user key found, and the frequency counters that exist.
+
+        Defaults (no segments, no counters) on a miss, a fault, or too little time left.
+        """
+        if not user_keys or self.client is None or time_left_s < self.timeout_s:
+            metrics.FEATURE_STORE.labels("skipped").inc()
+            return DEFAULT_FEATURES, {}
+        try:
+            found = self.client.get_many(user_keys + counter_keys)
+        except Exception as exc:  # refused, timeout, protocol error: all degrade the same way
+            if self.last_error is None:
+                log.warning("memcached %s failed (%s): default features for %.0f ms",
+                            self.servers, exc, self.retry_s * 1000)
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            metrics.FEATURE_STORE.labels("error").inc()
+            return DEFAULT_FEATURES, {}
+        if self.last_error is not None:
+            log.info("memcached %s answers again", self.servers)
+            self.last_error = None
+        counters = {k: found[k] for k in counter_keys if isinstance(found.get(k), int)}
+        for key in user_keys:
+            features = found.get(key)
+            if isinstance(features, UserFeatures):
+                metrics.FEATURE_STORE.labels("hit").inc()
+                return features, counters
+        metrics.FEATURE_STORE.labels("miss").inc()
+        return DEFAULT_FEATURES, counters
+
+    def count_impression(self, key: str, window_s: int) -> None:
+        """Add one billed impression to a frequency counter that expires after ``window_s``."""
+        if self.client is None:
+            return
+        try:
+            self.client.add(key, 0, expire=window_s, noreply=False)
+            self.client.incr(key, 1, noreply=False)
+        except Exception as exc:
+            log.warning("frequency counter %s not updated (%s): the cap may let one more through",
+                        key, exc)
+
+    def status(self) -> dict:
+        if self.client is None:
+            return {"ok": True, "servers": [], "note": "no feature store configured"}
+        return {"ok": self.last_error is None,
+                "servers": [f"{h}:{p}" for h, p in self.servers], "last_error": self.last_error}

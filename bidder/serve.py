@@ -1,0 +1,108 @@
+"""``bidder serve``: the real Gunicorn arbiter, configured from ``Settings`` and ``server_hooks``.
+
+The app is preloaded in the master (catalog, model, compiled arrays built once
+and shared copy-on-write by the forked workers); the hooks pin each worker to
+its slot's CPU and set its scheduler slice; the balanced gthread worker keeps
+HTTP/1.1 connections alive and spreads them evenly across workers.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+from gunicorn.app.base import BaseApplication
+
+from bidder import settings as settings_mod
+from bidder.settings import Settings
+
+LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    settings_mod.add_arguments(parser, "serve")
+
+
+def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
+    """Gunicorn settings derived from ours; hooks come from ``server_hooks.hooks``."""
+    from server_hooks import hooks
+
+    return {
+        "bind": [s.bind],
+        "workers": workers,
+        "worker_class": s.worker_class,
+        "threads": s.threads,
+        "keepalive": s.keepalive,
+        "worker_connections": s.worker_connections,
+        "timeout": s.timeout,
+        "graceful_timeout": 10,
+        "preload_app": True,
+        "pidfile": s.pid,
+        "loglevel": s.log_level,
+        "accesslog": "-" if s.access_log else None,
+        "proc_name": "bidder",
+        "when_ready": hooks.when_ready,
+        "pre_fork": hooks.pre_fork,
+        "post_fork": hooks.post_fork,
+        "child_exit": hooks.child_exit,
+    }
+
+
+class BidderApplication(BaseApplication):
+    """A Gunicorn application whose configuration is a ``Settings`` object."""
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        super().__init__(prog="bidder serve")
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_options(self.settings, self.workers).items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        if self.settings.app:
+            module_name, _, attr = self.settings.app.partition(":")
+            return getattr(importlib.import_module(module_name), attr or "app")
+        from bidder.app import create_app, StartupError
+
+        try:
+            return create_app(self.settings)
+        except StartupError as exc:
+            print(f"bidder serve: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the model in the master so the replacement workers fork with it."""
+        super().reload()
+        models = getattr(self.callable, "models", None)
+        if models is not None:
+            models.reload()
+
+
+def default_workers(s: Settings) -> int:
+    """One worker per CPU the plan may use (allowed CPUs less reserved ones)."""
+    from server_hooks.hooks import plan_for
+
+    return len(plan_for(s).order)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings_mod.resolve(args)
+    return serve(s)
+
+
+def serve(s: Settings) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="bidder-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
+    logging.basicConfig(level=s.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        workers = s.workers or default_workers(s)
+        BidderApplication(s, workers).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
