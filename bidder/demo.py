@@ -1,0 +1,163 @@
+"""``bidder demo``: the whole product on one machine, end to end, then a report.
+
+memcached (embedded on a free loopback port unless ``--memcached`` is given) ->
+seeded users -> ``bidder serve`` (the real Gunicorn master and workers) -> a
+few requests shown in full, with their win and billing notices booked -> an
+open-loop latency burst -> percentiles -> everything shut down.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+
+from bidder import memcached_proc
+from bidder.seed import seed_users
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memcached", default=None, metavar="HOST:PORT[,...]",
+                        help="use these memcached servers instead of starting an embedded one")
+    parser.add_argument("--users", type=int, default=20_000, help="users to seed")
+    parser.add_argument("--workers", type=int, default=0, help="workers (0: one per CPU)")
+    parser.add_argument("--rate", type=float, default=300.0,
+                        help="offered open-loop rate of the latency burst, requests/s")
+    parser.add_argument("--duration", type=float, default=5.0, help="latency burst length, s")
+    parser.add_argument("--show", type=int, default=3, help="requests to show in full")
+    parser.add_argument("--model", default=None, metavar="PATH", help="model artifact")
+    parser.add_argument("--campaigns", default=None, metavar="PATH", help="campaign catalog")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for 'bidder serve' (repeatable), e.g. --serve-arg=--no-pin")
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+def start_server(port: int, memcached: str, workdir: str, args: argparse.Namespace,
+                 extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
+           "--memcached", memcached, "--pid", os.path.join(workdir, "bidder.pid"),
+           "--ledger", os.path.join(workdir, "ledger.sqlite3"), "--log-level", "warning"]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.campaigns:
+        cmd += ["--campaigns", args.campaigns]
+    return subprocess.Popen(cmd + extra)
+
+
+def wait_ready(port: int, server: subprocess.Popen, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"bidder serve exited with code {server.returncode} (see above)")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/readyz")
+            response = conn.getresponse()
+            body = response.read()
+            if response.status == 200:
+                return json.loads(body)
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"bidder serve was not ready after {timeout:.0f} s")
+
+
+def show_bids(port: int, requests: list[tuple[bytes, dict[str, str]]], n: int) -> None:
+    """Send requests until ``n`` bids came back; print each bid and book its notices."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    shown = 0
+    for body, headers in requests:
+        conn.request("POST", "/openrtb2/bid", body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            continue
+        if response.getheader("Content-Encoding") == "gzip":
+            data = gzip.decompress(data)
+        answer = json.loads(data)
+        for seat in answer["seatbid"]:
+            for bid in seat["bid"]:
+                print(f"  bid {bid['id']} imp={bid['impid']} campaign={bid['cid']} "
+                      f"creative={bid['crid']} {bid['w']}x{bid['h']} price={bid['price']:.4f} "
+                      f"{answer.get('cur', 'USD')} CPM adomain={bid['adomain']}"
+                      + (f" deal={bid['dealid']}" if bid.get("dealid") else ""))
+                clearing = f"{bid['price'] * 0.9:.6f}"
+                for kind in ("nurl", "burl"):
+                    url = bid[kind].replace("${AUCTION_PRICE}", clearing)
+                    path = url.split(str(port), 1)[1]
+                    conn.request("GET", path)
+                    notice = conn.getresponse()
+                    print(f"    {kind} -> {notice.status} {notice.read().decode()}")
+        shown += 1
+        if shown >= n:
+            break
+    conn.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from loadtests import openloop, traffic
+
+    with ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bidder-demo-"))
+        memcached = args.memcached
+        if memcached is None:
+            try:
+                mc = stack.enter_context(memcached_proc.EmbeddedMemcached())
+            except memcached_proc.MemcachedNotFound as exc:
+                print(f"bidder demo: {exc}", file=sys.stderr)
+                return 1
+            memcached = mc.address
+            say(f"started embedded memcached on {memcached}")
+        say(f"seeding {args.users} users into {memcached}")
+        seed_users(memcached, args.users)
+
+        port = memcached_proc.free_port()
+        say(f"starting bidder serve on 127.0.0.1:{port}")
+        server = start_server(port, memcached, workdir, args, args.serve_arg)
+
+        def stop_server() -> None:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+        stack.callback(stop_server)
+        ready = wait_ready(port, server)
+        model = ready["components"]["model"]
+        say(f"ready: {ready['components']['catalog']['campaigns']} campaigns, model "
+            f"{model.get('kind')} {model.get('version')}")
+
+        requests = traffic.demo_requests(max(2000, int(args.rate * args.duration)), args.users)
+        print("Sample bids (with their win and billing notices booked):")
+        show_bids(port, requests, args.show)
+
+        say(f"latency burst: {args.rate:.0f} requests/s open loop for {args.duration:.0f} s")
+        pairs = [traffic.BidRequest(body, headers) for body, headers in requests]
+        result = openloop.generate_load(f"http://127.0.0.1:{port}", pairs, args.duration,
+                                        args.rate, connections=16, warmup_s=1.0)
+        summary = result.as_dict()
+        lat = summary["latency"]
+        print(f"Latency burst: offered {summary['offered_rps']:.0f}/s, achieved "
+              f"{summary['achieved_rps']:.0f}/s, {summary['ok']} answered, "
+              f"{summary['failed']} failed")
+        print(f"  statuses {summary['statuses']}  no-bid share {summary['nobid_share']:.1%}")
+        print("  latency ms (from intended send time): " + "  ".join(
+            f"{k} {v:.2f}" for k, v in lat.items()))
+        stop_server()
+        verdict = summary["failed"] == 0 and lat.get("p99", 1e9) <= 50.0
+        print(f"Result: {'OK' if verdict else 'NOT OK'} (p99 <= 50 ms and no failures)")
+        return 0 if verdict else 1

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real memcached and real ``bidder serve`` processes on free loopback ports."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from bidder.memcached_proc import EmbeddedMemcached, free_port
+from bidder.seed import seed_users
+
+SEEDED_USERS = 2000
+
+
+@pytest.fixture(scope="session")
+def memcached() -> Iterator[EmbeddedMemcached]:
+    with EmbeddedMemcached(memory_mb=64) as mc:
+        seed_users(mc.address, SEEDED_USERS, progress=False)
+        yield mc
+
+
+@dataclass
+class Server:
+    """A running ``bidder serve``: its port, process and helpers to talk HTTP to it."""
+
+    port: int
+    process: subprocess.Popen
+    pidfile: str
+    workdir: str
+    log_path: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def master_pid(self) -> int:
+        with open(self.pidfile) as fh:
+            return int(fh.read().strip())
+
+    def worker_pids(self) -> list[int]:
+        children = f"/proc/{self.master_pid}/task/{self.master_pid}/children"
+        with open(children) as fh:
+            return [int(p) for p in fh.read().split()]
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None,
+                timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                    response.read())
+        finally:
+            conn.close()
+
+    def bid(self, payload: dict | bytes, headers: dict[str, str] | None = None):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", "/openrtb2/bid", body,
+                            {"Content-Type": "application/json", **(headers or {})})
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as fh:
+            return fh.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def wait_ready(server: Server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"bidder serve exited ({server.process.returncode}):\n"
+                               + server.log())
+        try:
+            status, _, _ = server.request("GET", "/readyz", timeout=1)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("bidder serve not ready:\n" + server.log())
+
+
+def launch_server(workdir, *args: str, memcached: str = "none", ready: bool = True,
+                  env: dict[str, str] | None = None) -> Server:
+    """Start ``bidder serve`` with ``args`` on a free port, its files in ``workdir``."""
+    os.makedirs(workdir, exist_ok=True)
+    port = free_port()
+    pidfile = os.path.join(workdir, "master.pid")
+    log_path = os.path.join(workdir, "server.log")
+    cmd = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
+           "--pid", pidfile, "--memcached", memcached,
+           "--ledger", os.path.join(workdir, "ledger.sqlite3"), *args]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(port, process, pidfile, str(workdir), log_path)
+    if ready:
+        try:
+            wait_ready(server)
+        except Exception:
+            server.stop()
+            raise
+    return server
+
+
+@pytest.fixture
+def start_server(tmp_path) -> Iterator:
+    """Factory: ``start_server(*serve_args, memcached=ADDR)`` -> a ready ``Server``, stopped after."""
+    started: list[Server] = []
+
+    def start(*args: str, **kwargs) -> Server:
+        server = launch_server(tmp_path / f"server-{len(started)}", *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
