@@ -58,6 +58,12 @@ class ConnectionBoard:
                 return False
         return True
 
+    def least(self) -> int | None:
+        """The fewest open connections of any accepting slot (None if none accepts)."""
+        cells = self._cells
+        values = [cells[i] for i in range(1, cells[0] + 1) if cells[i] != FREE]
+        return min(values, default=None)
+
     def snapshot(self) -> dict[int, int]:
         """{slot: open connections} of every accepting slot."""
         cells = self._cells

@@ -13,8 +13,14 @@ The true least-loaded worker always sees itself eligible (a count is published
 the moment it grows, so a stale cell can only look busier than it is), so the
 listener is never orphaned for longer than :data:`RECHECK_S`, the poll interval
 of a worker waiting for its turn. Connections therefore differ by at most one
-between workers. Without a slot (hooks not installed) or with one worker it
-accepts exactly like gthread.
+between workers.
+
+Gating accepts cannot fix connections taken before a sibling existed (a worker
+still booting, a replacement after ``kill -9``): a worker holding two or more
+connections above the least-loaded sibling answers its next request with
+``Connection: close`` (one connection at a time), and the client's reconnect
+lands on the sibling. Without a slot (hooks not installed) or with one worker
+it behaves exactly like gthread.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class BalancedThreadWorker(ThreadWorker):
     board: ConnectionBoard | None = None  # idem, shared by all workers of the master
     _joined = False
     _conns = 0
+    _shed_at: int | None = None  # nr_conns when the last shed was decided: one in flight
 
     @property  # type: ignore[override]
     def nr_conns(self) -> int:
@@ -72,6 +79,14 @@ class BalancedThreadWorker(ThreadWorker):
                 if not self._accepting:
                     timeout = min(timeout, RECHECK_S)
         super().wait_for_and_dispatch_events(timeout)
+
+    def handle_request(self, req, conn):
+        if self._joined and self._conns != self._shed_at:
+            least = self.board.least()
+            if least is not None and self._conns >= least + 2:
+                self._shed_at = self._conns
+                req.must_close = True  # "Connection: close": the client reconnects elsewhere
+        return super().handle_request(req, conn)
 
     def _leave(self) -> None:
         if self._joined:

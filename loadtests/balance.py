@@ -1,0 +1,263 @@
+"""How evenly do prefork workers share keep-alive connections? Measure it over many fresh starts.
+
+Each start boots a fresh server (2 workers by default), opens 8 keep-alive
+connections at once, as an exchange's connection pool does, drives requests
+on them for a few seconds (closed loop), and reads each worker's CPU time
+(utime + stime from ``/proc/<pid>/stat``). The figure of merit is the least
+busy worker's CPU time over the busiest one's, per start; the worst start
+counts, because a pinned worker cannot borrow its idle neighbour's core.
+
+    python -m loadtests.balance                       # balanced worker vs plain gthread
+    python -m loadtests.balance --worker-class server_hooks.worker.BalancedThreadWorker
+    python -m loadtests.balance serve --bind 127.0.0.1:8001 --workers 2   # the server alone
+
+The server is Gunicorn with the bid server's hooks (slots, pinning, slice) and
+a small CPU-bound WSGI app answering its worker's pid, so which worker holds
+which connection is visible too.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BALANCED = "server_hooks.worker.BalancedThreadWorker"
+TICKS = os.sysconf("SC_CLK_TCK")
+THRESHOLD = 0.6
+
+
+def app(environ, start_response):
+    """A request worth ~0.2 ms of CPU; the body is the serving worker's pid."""
+    total = 0
+    for i in range(3000):
+        total += i * i
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run Gunicorn with the bid server's hooks and worker class on :func:`app`."""
+    from gunicorn.app.base import BaseApplication
+
+    from bidder.settings import resolve
+    from server_hooks import hooks
+
+    settings = resolve(None, pin=args.pin, cpu_map=args.cpu_map, reserve_cpus=args.reserve_cpus,
+                       slice_ms=args.slice_ms, workers=args.workers,
+                       worker_class=args.worker_class)
+
+    class Server(BaseApplication):
+        def __init__(self) -> None:
+            self.settings = settings
+            super().__init__()
+
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": args.bind, "workers": args.workers, "worker_class": args.worker_class,
+                "threads": 1, "keepalive": 30, "preload_app": True, "pidfile": args.pid,
+                "loglevel": args.log_level, "when_ready": hooks.when_ready,
+                "pre_fork": hooks.pre_fork, "post_fork": hooks.post_fork,
+                "child_exit": hooks.child_exit, "control_socket_disable": True,
+            }.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return app
+
+    Server().run()
+    return 0
+
+
+def worker_pids(master: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{master}/task/{master}/children").read_text()
+    except OSError:
+        return []
+    return [int(pid) for pid in text.split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, master: subprocess.Popen, workers: int, timeout: float = 20.0,
+               ) -> list[int]:
+    """Block until the master has ``workers`` children and the port answers; their pids."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if master.poll() is not None:
+            raise RuntimeError(f"server exited with {master.returncode} before it was ready")
+        pids = worker_pids(master.pid)
+        if len(pids) == workers:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/", headers={"Connection": "close"})
+                conn.getresponse().read()
+                conn.close()
+                return pids
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise RuntimeError(f"server not ready on port {port} after {timeout:.0f} s")
+
+
+def drive(port: int, connections: int, seconds: float, rate: float) -> dict[str, object]:
+    """Open ``connections`` keep-alive connections at once and send ``rate`` requests/s over them.
+
+    Every connection carries the same share of the rate, paced (a late response
+    delays only its own connection's next request), as an exchange spreads its
+    traffic over its pool: a worker's work is then proportional to the
+    connections it holds, which is what this measures. Returns requests per
+    worker pid and which pid each connection was on at the end. Like any
+    HTTP/1.1 client pool, a connection the server closes is reopened.
+    """
+    interval = connections / rate
+    start = threading.Barrier(connections)
+    stop = time.monotonic() + seconds
+    served: list[dict[int, int]] = [{} for _ in range(connections)]
+    last: list[int | None] = [None] * connections
+    reconnects = [0] * connections
+
+    def loop(index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        start.wait()
+        conn.connect()
+        due = time.monotonic() + interval * index / connections  # staggered, not in lockstep
+        while due < stop:
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            due += interval
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            pid = int(response.read())
+            served[index][pid] = served[index].get(pid, 0) + 1
+            last[index] = pid
+            if response.will_close:
+                reconnects[index] += 1
+                conn.close()
+        conn.close()
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    requests: dict[int, int] = {}
+    for per_conn in served:
+        for pid, count in per_conn.items():
+            requests[pid] = requests.get(pid, 0) + count
+    holding: dict[int, int] = {}
+    for pid in last:
+        if pid is not None:
+            holding[pid] = holding.get(pid, 0) + 1
+    return {"requests": requests, "connections_at_end": holding, "reconnects": sum(reconnects)}
+
+
+def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
+    """Boot a fresh server, load it, measure each worker's CPU time, stop it."""
+    port = free_port()
+    command = [sys.executable, "-m", "loadtests.balance", "serve", "--bind", f"127.0.0.1:{port}",
+               "--workers", str(args.workers), "--worker-class", worker_class,
+               "--pin" if args.pin else "--no-pin", "--log-level", "warning"]
+    master = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = wait_ready(port, master, args.workers)
+        time.sleep(args.settle)
+        before = {pid: cpu_seconds(pid) for pid in pids}
+        load = drive(port, args.connections, args.seconds, args.rate)
+        used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    finally:
+        master.send_signal(signal.SIGTERM)
+        try:
+            master.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            master.kill()
+            master.wait()
+    ratio = min(used.values()) / max(used.values()) if max(used.values()) > 0 else 0.0
+    return {"cpu_s": {str(pid): round(t, 3) for pid, t in used.items()},
+            "requests": {str(pid): load["requests"].get(pid, 0) for pid in pids},
+            "connections_at_end": {str(pid): load["connections_at_end"].get(pid, 0)
+                                   for pid in pids},
+            "reconnects": load["reconnects"], "ratio": round(ratio, 3),
+            "rate": round(sum(load["requests"].values()) / args.seconds, 1)}
+
+
+def measure(args: argparse.Namespace) -> int:
+    classes = args.worker_class or [BALANCED, "gthread"]
+    report: dict[str, object] = {}
+    for worker_class in classes:
+        starts = []
+        for n in range(args.starts):
+            result = one_start(args, worker_class)
+            starts.append(result)
+            print(f"{worker_class} start {n + 1}/{args.starts}: ratio {result['ratio']:.2f} "
+                  f"cpu_s {list(result['cpu_s'].values())} "
+                  f"conns {list(result['connections_at_end'].values())} "
+                  f"reconnects {result['reconnects']} req/s {result['rate']}", file=sys.stderr, flush=True)
+        ratios = [s["ratio"] for s in starts]
+        report[worker_class] = {"min_ratio": min(ratios), "median_ratio": statistics.median(ratios),
+                                "starts_below_threshold": sum(r < THRESHOLD for r in ratios),
+                                "starts": starts}
+    summary = {k: {key: v[key] for key in ("min_ratio", "median_ratio", "starts_below_threshold")}
+               for k, v in report.items()}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"workers": args.workers, "connections": args.connections, "seconds": args.seconds,
+             "pin": args.pin, "results": report}, indent=2))
+    balanced = report.get(BALANCED)
+    return 1 if balanced and balanced["min_ratio"] < THRESHOLD else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.balance", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
+    sub = parser.add_subparsers(dest="mode")
+    srv = sub.add_parser("serve", help="run only the server (used by the measurement and tests)")
+    srv.add_argument("--bind", default="127.0.0.1:8001")
+    srv.add_argument("--workers", type=int, default=2)
+    srv.add_argument("--worker-class", default=BALANCED)
+    srv.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
+    srv.add_argument("--cpu-map", default=None)
+    srv.add_argument("--reserve-cpus", default="")
+    srv.add_argument("--slice-ms", type=float, default=None)
+    srv.add_argument("--pid", default=None)
+    srv.add_argument("--log-level", default="info")
+    parser.add_argument("--starts", type=int, default=10, help="fresh server starts per class")
+    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
+    parser.add_argument("--seconds", type=float, default=3.0, help="load per start")
+    parser.add_argument("--rate", type=float, default=600.0,
+                        help="requests per second over all connections (keep it well under "
+                             "the capacity of one worker, so a 7:1 split still fits)")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds between the server answering and the connections opening")
+    parser.add_argument("--worker-class", action="append",
+                        help="worker class to measure (repeatable); default: balanced and gthread")
+    parser.add_argument("--json", help="write every start's numbers here")
+    args = parser.parse_args(argv)
+    return serve(args) if args.mode == "serve" else measure(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
