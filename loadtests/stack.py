@@ -1,0 +1,211 @@
+"""The system under test for the harnesses: memcached, seeded users, a ``bidder serve`` process.
+
+The A/B, the capacity search and the benchmark all start the real server as a
+subprocess (``bidder serve ... --pid FILE``), wait for ``/readyz``, read the
+master's and workers' counters from ``/proc`` and stop it with SIGTERM, the way
+an operator would. CPU placement: on a machine with enough CPUs the server gets
+its own set (``taskset``) and the load generator and memcached the rest; where
+that is impossible it says so (``Placement.note``).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bidder.memcached_proc import free_port
+
+MIN_CPUS_TO_SEPARATE = 4
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    """One progress line on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the server and the load generator (with memcached) may use."""
+
+    server_cpus: str | None
+    generator_cpus: str | None
+    separated: bool
+    note: str
+
+    @classmethod
+    def plan(cls, cpus: list[int] | None = None) -> "Placement":
+        cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
+        if len(cpus) < MIN_CPUS_TO_SEPARATE:
+            return cls(None, None, False,
+                       f"only {len(cpus)} CPUs: the load generator and memcached share the server's "
+                       "CPUs, so the numbers are not representative of a many-core server "
+                       "(on a pinned arm the generator competes with the pinned workers)")
+        n_gen = max(1, len(cpus) // 4)
+        gen, server = cpus[-n_gen:], cpus[:-n_gen]
+        return cls(_cpulist(server), _cpulist(gen), True,
+                   f"server on CPUs {_cpulist(server)}; load generator and memcached on "
+                   f"{_cpulist(gen)} (taskset)")
+
+    def prefix(self, cpus: str | None) -> list[str]:
+        return ["taskset", "-c", cpus] if cpus else []
+
+
+def _cpulist(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def seed_users(address: str, n: int) -> int:
+    """Load ``n`` synthetic users into memcached at ``address`` with the bidder's own seeding."""
+    from bidder.seed import seed_users as bidder_seed
+    return bidder_seed(address, n, progress=False)
+
+
+@dataclass(frozen=True)
+class ProcCounters:
+    """Cumulative counters of a set of processes (all their threads) at one instant."""
+
+    cpu_s: float
+    migrations: int
+    voluntary: int
+    involuntary: int
+
+    def __sub__(self, other: "ProcCounters") -> "ProcCounters":
+        return ProcCounters(self.cpu_s - other.cpu_s, self.migrations - other.migrations,
+                            self.voluntary - other.voluntary, self.involuntary - other.involuntary)
+
+
+def read_counters(pids: list[int]) -> ProcCounters:
+    """utime+stime (/proc/PID/stat), se.nr_migrations (/proc/PID/task/*/sched) and
+    voluntary/involuntary context switches (/proc/PID/task/*/status), summed over ``pids``."""
+    cpu = 0.0
+    migrations = voluntary = involuntary = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            cpu += (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                for line in (task / "sched").read_text().splitlines():
+                    if line.startswith("se.nr_migrations"):
+                        migrations += int(line.split(":")[1])
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches"):
+                        voluntary += int(line.split(":")[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        involuntary += int(line.split(":")[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a worker that exited: its counters are gone
+    return ProcCounters(cpu, migrations, voluntary, involuntary)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the Gunicorn workers of a master)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return sorted(out)
+
+
+def get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class Server:
+    """``bidder serve`` (or another WSGI app through it) as a subprocess with a pid file."""
+
+    def __init__(self, serve_args: list[str], memcached: str, workdir: str,
+                 cpus: str | None = None, app: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.pidfile = os.path.join(workdir, f"server-{self.port}.pid")
+        self.logfile = os.path.join(workdir, f"server-{self.port}.log")
+        self.serve_args = serve_args
+        self.memcached = memcached
+        self.cpus = cpus
+        self.app = app
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{self.port}",
+                "--pid", self.pidfile, "--memcached", self.memcached, *self.serve_args]
+        if self.app:
+            argv += ["--app", self.app]
+        return (["taskset", "-c", self.cpus] if self.cpus else []) + argv
+
+    def start(self, timeout_s: float = 60.0) -> "Server":
+        with open(self.logfile, "ab") as logf:
+            self.process = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: "
+                                   f"{shlex.join(self.argv())}\n{self.log_tail()}")
+            try:
+                status, _ = get(self.url + "/readyz")
+                if status == 200 and self.workers():
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout_s:.0f} s: {shlex.join(self.argv())}\n"
+                           f"{self.log_tail()}")
+
+    @property
+    def master_pid(self) -> int:
+        return int(Path(self.pidfile).read_text().strip())
+
+    def workers(self) -> list[int]:
+        try:
+            return children(self.master_pid)
+        except (FileNotFoundError, ValueError):
+            return []
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(Path(self.logfile).read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def workdir(out: str | None) -> str:
+    """``out`` (created) or a fresh temporary directory."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        return out
+    return tempfile.mkdtemp(prefix="bidder-loadtest-")
