@@ -1,0 +1,151 @@
+"""What every CTR model shares: the weight layout over hashed indices, Platt calibration, batching.
+
+Weights live in arrays of ``2**hash_bits + 2`` rows: one per hash bucket, then
+the bias (row ``BIAS = 2**hash_bits``), then a padding row (the last, so the
+``PAD`` index -1 of ``models.logs`` reads it) that stays zero.
+
+Probabilities are calibrated: ``P(click) = sigmoid(a * logit + b)`` with
+``(a, b)`` fitted on held-out rows (Platt scaling), because the bid price is
+proportional to the probability, not only ordered by it. A fresh model has
+``(1, 0)``, i.e. no correction.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+def sigmoid_(z: np.ndarray) -> np.ndarray:
+    """In-place logistic function of a float64 array (returns it)."""
+    np.clip(z, -35.0, 35.0, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    z += 1.0
+    np.reciprocal(z, out=z)
+    return z
+
+
+class HashedModel(ABC):
+    """Base of the LR and FM models: ``fit`` / ``partial_fit`` / ``predict_proba`` over hashed rows."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, hash_bits: int, batch_size: int, epochs: int, seed: int):
+        if not 4 <= hash_bits <= 30:
+            raise ValueError(f"hash_bits must be in 4..30, got {hash_bits}")
+        self.hash_bits = hash_bits
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+        self.calibration = np.array([1.0, 0.0])
+        self.version = "untrained"
+        self.trainable = True
+
+    @property
+    def n_rows(self) -> int:
+        """Weight rows: the hash buckets, the bias and the padding row."""
+        return (1 << self.hash_bits) + 2
+
+    @property
+    def bias_index(self) -> int:
+        return 1 << self.hash_bits
+
+    # --- each model ---------------------------------------------------------------------------
+    @abstractmethod
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Uncalibrated logit of each row of ``X`` (float64)."""
+        ...
+
+    @abstractmethod
+    def decision_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Uncalibrated logit of each row ``shared ++ candidates[i]`` (float64, a new array)."""
+        ...
+
+    @abstractmethod
+    def _reset(self) -> None:
+        ...
+
+    @abstractmethod
+    def _update(self, X: np.ndarray, y: np.ndarray) -> None:
+        ...
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters, saved in the artifact."""
+        ...
+
+    @abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays scoring needs, saved in the artifact."""
+        ...
+
+    @classmethod
+    @abstractmethod
+    def from_arrays(cls, hash_bits: int, params: Mapping[str, Any],
+                    arrays: Mapping[str, np.ndarray]) -> "HashedModel":
+        """A scoring-only model from saved arrays (``partial_fit`` refuses it)."""
+        ...
+
+    # --- shared -----------------------------------------------------------------------------------
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated P(click) per row of ``X``."""
+        return self._calibrate(self.decision_function(X))
+
+    def predict_proba_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Calibrated P(click) of each row ``shared ++ candidates[i]``: the bid path's one call."""
+        return self._calibrate(self.decision_shared(shared, candidates))
+
+    def _calibrate(self, z: np.ndarray) -> np.ndarray:
+        a, b = self.calibration
+        z *= a
+        z += b
+        return sigmoid_(z)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, progress: bool = False) -> "HashedModel":
+        """Train from scratch: ``epochs`` shuffled passes of mini-batch updates."""
+        self._reset()
+        self.trainable = True
+        rng = np.random.default_rng(self.seed)
+        start = time.monotonic()
+        for epoch in range(self.epochs):
+            order = rng.permutation(len(y))
+            self.partial_fit(X[order], y[order])
+            if progress:
+                p = self.predict_proba(X[:200_000])
+                ll = -np.mean(y[:200_000] * np.log(p) + (1 - y[:200_000]) * np.log(1 - p))
+                print(f"[{self.kind}] epoch {epoch + 1}/{self.epochs}: train log loss {ll:.5f} "
+                      f"({time.monotonic() - start:.1f}s)", file=sys.stderr)
+        self.version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return self
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> "HashedModel":
+        """One pass over ``X`` in order, in mini-batches of ``batch_size`` (online learning)."""
+        if not self.trainable:
+            raise ValueError(f"this {self.kind} model was loaded from an artifact, which holds no "
+                             "optimizer state; train a new one with fit()")
+        y = np.asarray(y, dtype=np.float64)
+        for start in range(0, len(y), self.batch_size):
+            self._update(X[start:start + self.batch_size], y[start:start + self.batch_size])
+        return self
+
+    def fit_calibration(self, X: np.ndarray, y: np.ndarray, iterations: int = 50) -> np.ndarray:
+        """Fit Platt's ``(a, b)`` on held-out rows by Newton's method; returns and keeps it."""
+        z = self.decision_function(X)
+        a, b = 1.0, 0.0
+        for _ in range(iterations):
+            p = sigmoid_(a * z + b)
+            g = p - y
+            w = p * (1 - p)
+            grad = np.array([g @ z, g.sum()])
+            hess = np.array([[w @ (z * z), w @ z], [w @ z, w.sum()]]) + 1e-6 * np.eye(2)
+            step = np.linalg.solve(hess, grad)
+            a, b = a - step[0], b - step[1]
+            if np.abs(step).max() < 1e-9:
+                break
+        self.calibration = np.array([a, b])
+        return self.calibration
