@@ -9,11 +9,12 @@ counts, because a pinned worker cannot borrow its idle neighbour's core.
 
     python -m loadtests.balance                       # balanced worker vs plain gthread
     python -m loadtests.balance --worker-class server_hooks.worker.BalancedThreadWorker
-    python -m loadtests.balance serve --bind 127.0.0.1:8001 --workers 2   # the server alone
+    python -m loadtests.balance --connections 64 --rate 1200 --no-pin
 
-The server is Gunicorn with the bid server's hooks (slots, pinning, slice) and
-a small CPU-bound WSGI app answering its worker's pid, so which worker holds
-which connection is visible too.
+The server is ``bidder serve`` (same Gunicorn configuration, hooks, slots,
+pinning and worker class as the bid server) serving :func:`app`, a small
+CPU-bound WSGI app answering its worker's pid, so which worker holds which
+connection is visible too.
 """
 from __future__ import annotations
 
@@ -43,39 +44,6 @@ def app(environ, start_response):
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
-
-
-def serve(args: argparse.Namespace) -> int:
-    """Run Gunicorn with the bid server's hooks and worker class on :func:`app`."""
-    from gunicorn.app.base import BaseApplication
-
-    from bidder.settings import resolve
-    from server_hooks import hooks
-
-    settings = resolve(None, pin=args.pin, cpu_map=args.cpu_map, reserve_cpus=args.reserve_cpus,
-                       slice_ms=args.slice_ms, workers=args.workers,
-                       worker_class=args.worker_class)
-
-    class Server(BaseApplication):
-        def __init__(self) -> None:
-            self.settings = settings
-            super().__init__()
-
-        def load_config(self) -> None:
-            for key, value in {
-                "bind": args.bind, "workers": args.workers, "worker_class": args.worker_class,
-                "threads": 1, "keepalive": 30, "preload_app": True, "pidfile": args.pid,
-                "loglevel": args.log_level, "when_ready": hooks.when_ready,
-                "pre_fork": hooks.pre_fork, "post_fork": hooks.post_fork,
-                "child_exit": hooks.child_exit, "control_socket_disable": True,
-            }.items():
-                self.cfg.set(key, value)
-
-        def load(self):
-            return app
-
-    Server().run()
-    return 0
 
 
 def worker_pids(master: int) -> list[int]:
@@ -175,7 +143,8 @@ def drive(port: int, connections: int, seconds: float, rate: float) -> dict[str,
 def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
     """Boot a fresh server, load it, measure each worker's CPU time, stop it."""
     port = free_port()
-    command = [sys.executable, "-m", "loadtests.balance", "serve", "--bind", f"127.0.0.1:{port}",
+    command = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--app", "loadtests.balance:app", "--memcached", "none",
                "--workers", str(args.workers), "--worker-class", worker_class,
                "--pin" if args.pin else "--no-pin", "--log-level", "warning"]
     master = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -233,17 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
-    sub = parser.add_subparsers(dest="mode")
-    srv = sub.add_parser("serve", help="run only the server (used by the measurement and tests)")
-    srv.add_argument("--bind", default="127.0.0.1:8001")
-    srv.add_argument("--workers", type=int, default=2)
-    srv.add_argument("--worker-class", default=BALANCED)
-    srv.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
-    srv.add_argument("--cpu-map", default=None)
-    srv.add_argument("--reserve-cpus", default="")
-    srv.add_argument("--slice-ms", type=float, default=None)
-    srv.add_argument("--pid", default=None)
-    srv.add_argument("--log-level", default="info")
     parser.add_argument("--starts", type=int, default=10, help="fresh server starts per class")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
     parser.add_argument("--seconds", type=float, default=3.0, help="load per start")
@@ -256,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker class to measure (repeatable); default: balanced and gthread")
     parser.add_argument("--json", help="write every start's numbers here")
     args = parser.parse_args(argv)
-    return serve(args) if args.mode == "serve" else measure(args)
+    return measure(args)
 
 
 if __name__ == "__main__":

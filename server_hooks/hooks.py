@@ -31,10 +31,12 @@ def _settings(server) -> Settings:
 
 
 def plan_for(settings: Settings, allowed: set[int] | None = None) -> CpuPlan:
-    """The slot -> CPU plan of these settings on this machine (raises CpuMapError)."""
+    """The slot -> CPU plan of these settings on this machine (raises CpuMapError).
+
+    Planned with ``--no-pin`` too (nothing is pinned then), so both arms of an
+    A/B run the same number of workers in the same slots.
+    """
     allowed = os.sched_getaffinity(0) if allowed is None else allowed
-    if not settings.pin:  # slots are still spread over the CPUs, nothing is pinned
-        return CpuPlan(tuple(sorted(allowed)))
     return plan_cpus(allowed, Topology.from_sysfs(), settings.reserve_cpus or "",
                      settings.cpu_map)
 
