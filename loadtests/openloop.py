@@ -45,6 +45,7 @@ class Result:
     errors: Counter = field(default_factory=Counter)
     histogram: Any = field(default_factory=stats.new_histogram)
     late_starts: int = 0  # open loop: requests that left > 1 ms after their intended time
+    cpu_s: float = 0.0  # this generator's own CPU time while measuring: is it the bottleneck?
 
     @property
     def ok(self) -> int:
@@ -63,6 +64,8 @@ class Result:
             "nobid_share": self.statuses.get(204, 0) / ok if ok else 0.0,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "errors": dict(self.errors), "late_starts": self.late_starts,
+            "generator_cpu_s": self.cpu_s,
+            "generator_utilisation": self.cpu_s / self.elapsed_s if self.elapsed_s else 0.0,
             "latency": stats.summary_ms(self.histogram), "histogram": stats.encode(self.histogram),
         }
 
@@ -150,11 +153,14 @@ def generate_load(url: str, requests: Sequence[traffic.BidRequest], duration_s: 
     try:
         if rate:
             nxt = open_phase(warmup_s, None, 0) if warmup_s > 0 else 0
+            cpu0 = time.process_time()
             open_phase(duration_s, result, nxt)
         else:
             if warmup_s > 0:
                 closed_phase(warmup_s, None, 0)
+            cpu0 = time.process_time()
             closed_phase(duration_s, result, 0)
+        result.cpu_s = time.process_time() - cpu0
     finally:
         client.close()
     return result
