@@ -240,11 +240,17 @@ class _MsgspecJSON(falcon.media.BaseHandler):
         return msgspec.json.decode(stream.read())
 
 
+class BidderApp(falcon.App):
+    """The Falcon app, holding its model handle so the master can reload it on SIGHUP."""
+
+    models: ModelHandle
+
+
 class StartupError(RuntimeError):
     """The server cannot start: a bad catalog, model, rate table or ledger path."""
 
 
-def create_app(settings: Settings) -> falcon.App:
+def create_app(settings: Settings) -> BidderApp:
     try:
         rates = Rates.parse(settings.currency_rates)
         catalog = catalog_mod.load(settings.campaigns, rates)
@@ -260,7 +266,7 @@ def create_app(settings: Settings) -> falcon.App:
         raise StartupError(f"cannot open the ledger {settings.ledger!r} or the feature store: "
                            f"{exc}") from None
 
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    app = BidderApp(media_type=falcon.MEDIA_JSON)
     handler = _MsgspecJSON()
     app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
@@ -270,5 +276,5 @@ def create_app(settings: Settings) -> falcon.App:
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(auction, models, state))
     app.add_route("/metrics", MetricsResource())
-    app.models = models  # for SIGHUP reloads from the master
+    app.models = models
     return app

@@ -242,5 +242,5 @@ class Auction:
         return campaign.seat, Bid(
             id=bid_id, impid=imp.id, price=price, adm=creative.adm, nurl=nurl, burl=burl,
             adomain=campaign.adomain, crid=creative.id, cid=campaign.id, cat=campaign.cat,
-            w=creative.w, h=creative.h, dealid=deal.id if deal is not None else None,
+            w=creative.w, h=creative.h, mtype=1, dealid=deal.id if deal is not None else None,
             bundle=campaign.bundle)

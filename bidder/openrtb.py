@@ -8,7 +8,7 @@ specification types it as a float. Field names and defaults follow 2.6.md.
 from __future__ import annotations
 
 import msgspec
-from msgspec import Struct, field
+from msgspec import Struct
 
 
 class Format(Struct, omit_defaults=True):
@@ -128,7 +128,7 @@ class Bid(Struct, omit_defaults=True):
     cat: list[str]
     w: int
     h: int
-    mtype: int = 1  # 2.6: markup type 1 = banner
+    mtype: int  # 2.6 markup type: 1 = banner
     dealid: str | None = None
     bundle: str | None = None
 
@@ -141,8 +141,8 @@ class SeatBid(Struct, omit_defaults=True):
 class BidResponse(Struct, omit_defaults=True):
     id: str
     seatbid: list[SeatBid]
+    cur: str
     bidid: str | None = None
-    cur: str = field(default="USD")
 
 
 REQUEST_DECODER = msgspec.json.Decoder(BidRequest)
