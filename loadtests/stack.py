@@ -135,6 +135,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.pidfile = os.path.join(workdir, f"server-{self.port}.pid")
         self.logfile = os.path.join(workdir, f"server-{self.port}.log")
+        self.ledger = os.path.join(workdir, f"server-{self.port}.ledger.sqlite3")
         self.serve_args = serve_args
         self.memcached = memcached
         self.cpus = cpus
@@ -146,6 +147,8 @@ class Server:
                 "--pid", self.pidfile, "--memcached", self.memcached, *self.serve_args]
         if self.app:
             argv += ["--app", self.app]
+        if "--ledger" not in self.serve_args:  # never write into the caller's directory
+            argv += ["--ledger", self.ledger]
         return (["taskset", "-c", self.cpus] if self.cpus else []) + argv
 
     def start(self, timeout_s: float = 60.0) -> "Server":

@@ -102,9 +102,9 @@ class BidRequest(NamedTuple):
     headers: dict[str, str]
 
 
-def _floor(rng: random.Random, mix: Mix, cur: str, low: float = 1.0, high: float = 1.0) -> float:
-    """A floor in ``cur``: uniform in USD over the mix's range (times ``low..high``), converted."""
-    usd = rng.uniform(mix.floor_min, mix.floor_max) * rng.uniform(low, high)
+def _floor(rng: random.Random, mix: Mix, cur: str) -> float:
+    """A floor in ``cur``: uniform in USD over the mix's range, converted."""
+    usd = rng.uniform(mix.floor_min, mix.floor_max)
     value = usd / USD_PER_UNIT[cur]
     return round(value) if cur == "JPY" else round(value, 2)
 
@@ -121,10 +121,14 @@ def _imp(rng: random.Random, mix: Mix, index: int, secure: int, cur: str) -> dic
                            "tagid": f"slot-{w}x{h}-{index}"}
     if rng.random() < mix.floor:
         imp["bidfloor"], imp["bidfloorcur"] = _floor(rng, mix, cur), cur
-    if rng.random() < mix.deal:
-        deals = [{"id": f"deal-{rng.randrange(100):03d}-{d}", "at": 1,
-                  "bidfloor": _floor(rng, mix, cur, 1.1, 2.0), "bidfloorcur": cur}
-                 for d in range(rng.randint(1, 2))]
+    if rng.random() < mix.deal:  # deal floors sit above the open-auction floor, as sold
+        base = imp.get("bidfloor")
+        deals = []
+        for d in range(rng.randint(1, 2)):
+            floor = base * rng.uniform(1.1, 2.0) if base else _floor(rng, mix, cur)
+            deals.append({"id": f"deal-{rng.randrange(100):03d}-{d}", "at": 1,
+                          "bidfloor": round(floor) if cur == "JPY" else round(floor, 2),
+                          "bidfloorcur": cur})
         imp["pmp"] = {"private_auction": int(rng.random() < 0.3), "deals": deals}
     return imp
 
