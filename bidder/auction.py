@@ -76,12 +76,9 @@ class Auction:
         """Campaign mask after targeting, blocks, seats and budgets; NoBid naming the first
         filter that left nothing."""
         cat = self.catalog
-        mask = ~self._exhausted
-        if not mask.any():
-            return NoBid("budget_exhausted")
         device = r.device
         geo = (device.geo if device else None) or (r.user.geo if r.user else None)
-        mask = mask & cat.targeted(cat.by_country, cat.any_country, geo.country if geo else None)
+        mask = cat.targeted(cat.by_country, cat.any_country, geo.country if geo else None).copy()
         if device is not None:
             mask &= cat.targeted(cat.by_devicetype, cat.any_devicetype, device.devicetype)
             mask &= cat.targeted(cat.by_os, cat.any_os, device.os.lower() if device.os else None)
@@ -107,6 +104,9 @@ class Auction:
             mask &= ~cat.any_of(cat.by_seat, r.bseat)
         if not mask.any():
             return NoBid("seat_not_allowed")
+        mask &= ~self._exhausted
+        if not mask.any():
+            return NoBid("budget_exhausted")
         return mask
 
     def bid(self, r: BidRequest, store: FeatureStore, ledger: Ledger, model,

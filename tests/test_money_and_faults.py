@@ -1,0 +1,184 @@
+"""Notices, budgets and frequency caps (nothing lost or counted twice); memcached faults."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from bidder.ledger import Ledger
+from bidder.memcached_proc import EmbeddedMemcached
+from bidder.seed import seed_users
+from tests.test_bid_http import CATALOG, bids_of, site_request
+
+
+def notice_path(url: str, price: str) -> str:
+    parts = urlsplit(url.replace("${AUCTION_PRICE}", price))
+    return f"{parts.path}?{parts.query}"
+
+
+def one_bid(server, **kwargs) -> dict:
+    status, _, body = server.bid(site_request(**kwargs))
+    assert status == 200, body
+    return bids_of(body)[0]
+
+
+def test_notices_are_booked_once_and_forgeries_refused(start_server, memcached):
+    server = start_server("--campaigns", CATALOG, "--workers", "2", memcached=memcached.address)
+    bid = one_bid(server)
+    price = f"{bid['price'] * 0.5:.6f}"
+    win = notice_path(bid["nurl"], price)
+    billing = notice_path(bid["burl"], price)
+    assert json.loads(server.request("GET", win)[2])["status"] == "booked"
+    # the exchange retries: the same billing notice many times, concurrently, on both workers
+    results: list[str] = []
+
+    def send() -> None:
+        results.append(json.loads(server.request("GET", billing)[2])["status"])
+    threads = [threading.Thread(target=send) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["booked"] + ["duplicate"] * 11
+
+    ledger = Ledger(os.path.join(server.workdir, "ledger.sqlite3"))
+    expected_micros = round(float(price) * 1_000_000) // 1000
+    assert ledger.spend() == {"jp-shoes": expected_micros}
+    assert ledger.count("billing") == 1 and ledger.count("win") == 1
+    ledger.close()
+
+    tampered = billing.replace("c=jp-shoes", "c=us-autos")
+    status, _, body = server.request("GET", tampered)
+    assert status == 400 and "signature" in json.loads(body)["error"]
+    status, _, body = server.request("GET", notice_path(bid["burl"], "${AUCTION_PRICE}"))
+    assert status == 400 and "macro" in json.loads(body)["error"]
+    status, _, body = server.request("GET", notice_path(bid["burl"], f"{bid['price'] * 2}"))
+    assert status == 400 and "above our bid" in json.loads(body)["error"]
+    status, _, _ = server.request("GET", notice_path(bid["burl"], "abc"))
+    assert status == 400
+    assert server.request("GET", "/notice/refund?b=1")[0] == 404
+    _, _, metrics = server.request("GET", "/metrics")
+    booked = re.search(rb'bidder_spend_micros_total\{campaign="jp-shoes"\} (\S+)', metrics)
+    assert booked and float(booked.group(1)) == expected_micros
+
+
+def test_test_requests_are_never_billed(start_server, memcached):
+    server = start_server("--campaigns", CATALOG, memcached=memcached.address)
+    bid = one_bid(server, test=1)
+    assert server.request("GET", notice_path(bid["burl"], "1.0"))[0] == 200
+    ledger = Ledger(os.path.join(server.workdir, "ledger.sqlite3"))
+    assert ledger.count("billing") == 1 and ledger.spend() == {}
+    ledger.close()
+
+
+def test_budget_stops_a_campaign_once_billed_spend_reaches_it(start_server, memcached):
+    server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
+    bid = one_bid(server, country="CAN")
+    assert bid["cid"] == "budgeted"
+    assert server.request("GET", notice_path(bid["burl"], f"{bid['price']:.6f}"))[0] == 200
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status, headers, _ = server.bid(site_request(country="CAN"))
+        if status == 204:
+            break
+        time.sleep(0.2)
+    assert status == 204 and headers["x-nobid-reason"] == "budget_exhausted"
+    assert server.bid(site_request(country="JPN"))[0] == 200  # other campaigns keep bidding
+
+
+def test_frequency_cap_counts_billed_impressions_per_user(start_server, memcached):
+    server = start_server("--campaigns", CATALOG, memcached=memcached.address)
+    user = {"id": "freq-user-1"}
+    bid = one_bid(server, country="FRA", user=user)
+    assert bid["cid"] == "capped"
+    # a win alone books nothing: the cap counts billed impressions
+    assert server.request("GET", notice_path(bid["nurl"], "1.0"))[0] == 200
+    assert server.bid(site_request(country="FRA", user=user))[0] == 200
+    assert server.request("GET", notice_path(bid["burl"], "1.0"))[0] == 200
+    status, headers, _ = server.bid(site_request(country="FRA", user=user))
+    assert status == 204 and headers["x-nobid-reason"] == "frequency_capped"
+    assert server.bid(site_request(country="FRA", user={"id": "another-user"}))[0] == 200
+
+
+def test_memcached_down_degrades_to_default_features(start_server, tmp_path):
+    mc = EmbeddedMemcached(memory_mb=16).start()
+    seed_users(mc.address, 50, progress=False)
+    try:
+        server = start_server("--campaigns", CATALOG, "--workers", "2",
+                              "--memcached-retry-ms", "200", memcached=mc.address)
+        assert server.bid(site_request())[0] == 200
+        mc.stop()
+        started = time.monotonic()
+        statuses = [server.bid(site_request())[0] for _ in range(50)]
+        assert set(statuses) == {200}
+        assert (time.monotonic() - started) / 50 < 0.05
+        status, _, body = server.request("GET", "/readyz")
+        ready = json.loads(body)
+        assert status == 200 and ready["ready"] is True  # memcached only degrades
+        assert "Traceback" not in server.log()
+        _, _, metrics = server.request("GET", "/metrics")
+        assert b'bidder_feature_store_lookups_total{outcome="error"}' in metrics
+    finally:
+        mc.stop()
+
+
+def test_memcached_that_hangs_costs_at_most_its_timeout(start_server):
+    """A memcached that accepts but never answers (SIGSTOP): answers stay inside tmax."""
+    mc = EmbeddedMemcached(memory_mb=16).start()
+    try:
+        server = start_server("--campaigns", CATALOG, "--workers", "1",
+                              "--memcached-timeout-ms", "5", "--memcached-retry-ms", "300",
+                              memcached=mc.address)
+        assert server.bid(site_request())[0] == 200
+        os.kill(mc.process.pid, signal.SIGSTOP)
+        worst = 0.0
+        for _ in range(30):
+            started = time.monotonic()
+            status, _, _ = server.bid(site_request(tmax=50))
+            worst = max(worst, time.monotonic() - started)
+            assert status == 200
+        assert worst < 0.045, worst
+    finally:
+        os.kill(mc.process.pid, signal.SIGCONT)
+        mc.stop()
+
+
+def test_invalid_catalog_is_refused_at_start_naming_campaign_and_field(tmp_path):
+    catalog = json.load(open(CATALOG))
+    catalog["campaigns"][1]["value_per_click"] = -1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(catalog))
+    cmd = [sys.executable, "-m", "bidder.cli", "serve", "--campaigns", str(bad),
+           "--memcached", "none", "--bind", "127.0.0.1:0", "--ledger", str(tmp_path / "l.db")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "us-autos" in result.stderr and "value_per_click" in result.stderr
+    catalog["campaigns"][0]["creatives"][0]["w"] = "wide"
+    bad.write_text(json.dumps(catalog))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "jp-shoes" in result.stderr and "w" in result.stderr
+
+
+def test_port_in_use_and_bad_memcached_address_say_what_to_do(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
+               "--memcached", "none", "--ledger", str(tmp_path / "l.db")]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    result = subprocess.run(
+        [sys.executable, "-m", "bidder.cli", "serve", "--memcached", "localhost",
+         "--bind", "127.0.0.1:0", "--ledger", str(tmp_path / "l.db")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "HOST:PORT" in result.stderr
