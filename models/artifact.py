@@ -289,8 +289,14 @@ class ModelHandle:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _load(self) -> HashedModel:
-        source = snapshot(self.path) if self.mmap else self.path
-        return load(source, mmap=self.mmap)
+        if not self.mmap:
+            return load(self.path, mmap=False)
+        copy = snapshot(self.path)
+        try:
+            return load(copy)
+        except ArtifactError as exc:
+            copy.unlink(missing_ok=True)
+            raise ArtifactError(str(exc).replace(str(copy), str(self.path))) from None
 
     def maybe_reload(self) -> bool:
         """Reload if ``watch_s`` has passed and the file changed (mtime, size, inode); True if swapped.

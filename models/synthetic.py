@@ -36,6 +36,7 @@ from models.logs import PAD, Impressions, assemble, write_tsv
 CATALOG = Path(world.__file__).with_name("data") / "campaigns.json"
 DEFAULT_USERS = 20_000
 DEFAULT_BASE_CTR = 0.01
+DEFAULT_INTERACTION = 0.15
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class SyntheticLog:
                 "campaign": [c.id for c in t.campaigns], "creative": t.creatives, "size": t.sizes}
 
 
-def generate(n: int, seed: int = 0, interaction: float = 1.0, base_ctr: float = DEFAULT_BASE_CTR,
+def generate(n: int, seed: int = 0, interaction: float = DEFAULT_INTERACTION, base_ctr: float = DEFAULT_BASE_CTR,
              n_users: int = DEFAULT_USERS, catalog: Path | None = None) -> SyntheticLog:
     """``n`` impressions with clicks drawn from the ground truth (same ``seed`` -> same log)."""
     rng = np.random.default_rng(seed)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="impressions to write")
     parser.add_argument("--out", required=True, help="TSV file to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--interaction", type=float, default=1.0, help="scale of the interaction terms")
+    parser.add_argument("--interaction", type=float, default=DEFAULT_INTERACTION, help="scale of the interaction terms")
     parser.add_argument("--base-ctr", type=float, default=DEFAULT_BASE_CTR)
     args = parser.parse_args(argv)
     log = generate(args.rows, args.seed, args.interaction, args.base_ctr)
