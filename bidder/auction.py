@@ -128,8 +128,8 @@ class Auction:
         capped = [(i, c, frequency_key(c.id, identity)) for i, c in self._capped
                   if identity and mask[i]]
         user, counters = store.lookup(keys, [k for _, _, k in capped], deadline - now)
-        for i, c, key in capped:
-            if counters.get(key, 0) >= c.frequency_cap.impressions:
+        for i, c, key in capped:  # unknown counts (store down) never risk breaking a cap
+            if counters is None or counters.get(key, 0) >= c.frequency_cap.impressions:
                 mask[i] = False
         if not mask.any():
             return NoBid("frequency_capped")

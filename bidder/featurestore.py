@@ -97,14 +97,15 @@ class FeatureStore:
         ) if servers else None
 
     def lookup(self, user_keys: list[str], counter_keys: list[str],
-               time_left_s: float) -> tuple[UserFeatures, dict[str, int]]:
+               time_left_s: float) -> tuple[UserFeatures, dict[str, int] | None]:
         """Features of the first user key found, and the frequency counters that exist.
 
-        Defaults (no segments, no counters) on a miss, a fault, or too little time left.
+        Default features on a miss; default features and ``None`` counters (unknown, so
+        capped campaigns must not bid) on a fault or with too little time left.
         """
         if not user_keys or self.client is None or time_left_s < self.timeout_s:
             metrics.FEATURE_STORE.labels("skipped").inc()
-            return DEFAULT_FEATURES, {}
+            return DEFAULT_FEATURES, None
         try:
             found = self.client.get_many(user_keys + counter_keys)
         except Exception as exc:  # refused, timeout, protocol error: all degrade the same way
@@ -113,7 +114,7 @@ class FeatureStore:
                             self.servers, exc, self.retry_s * 1000)
             self.last_error = f"{type(exc).__name__}: {exc}"
             metrics.FEATURE_STORE.labels("error").inc()
-            return DEFAULT_FEATURES, {}
+            return DEFAULT_FEATURES, None
         if self.last_error is not None:
             log.info("memcached %s answers again", self.servers)
             self.last_error = None

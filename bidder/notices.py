@@ -1,7 +1,7 @@
 """Signed win (``nurl``) and billing (``burl``) notice URLs, and reading them back.
 
 A notice URL carries what the ledger needs (bid, imp, campaign, creative, user,
-currency, test flag, our bid price) and an HMAC over those values and the
+currency, test flag, our bid price) and a keyed BLAKE2b MAC over those values and the
 notice kind, so a forged or edited notice is refused instead of booked. The
 exchange substitutes ``${AUCTION_PRICE}`` with the clearing price.
 """
@@ -10,10 +10,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 from urllib.parse import quote
 
 PRICE_MACRO = "${AUCTION_PRICE}"
 SIGNED_FIELDS = ("b", "i", "c", "r", "u", "cur", "t", "bp")
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~:-]*")  # no escaping needed: the common case, kept cheap
+
+
+def _escape(value: str) -> str:
+    return value if _URL_SAFE.fullmatch(value) else quote(value, safe="")
 
 
 class NoticeError(ValueError):
@@ -23,18 +29,19 @@ class NoticeError(ValueError):
 class NoticeSigner:
     def __init__(self, base_url: str, secret: str) -> None:
         self.base_url = base_url.rstrip("/")
-        self._key = secret.encode()
+        self._key = hashlib.blake2b(secret.encode()).digest()[:64]  # any length -> <= 64 bytes
 
     def _sign(self, kind: str, values: tuple[str, ...]) -> str:
+        """Keyed BLAKE2b (a MAC by design, several times cheaper than HMAC-SHA256 here)."""
         msg = "\x1f".join((kind,) + values).encode()
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
+        return hashlib.blake2b(msg, key=self._key, digest_size=16).hexdigest()
 
     def urls(self, bid_id: str, imp_id: str, campaign: str, creative: str, user_key: str,
              currency: str, test: int, bid_price: float) -> tuple[str, str]:
         """(nurl, burl) for one bid."""
         values = (bid_id, imp_id, campaign, creative, user_key, currency, str(test),
                   repr(bid_price))
-        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in zip(SIGNED_FIELDS, values))
+        query = "&".join(f"{k}={_escape(v)}" for k, v in zip(SIGNED_FIELDS, values))
         return tuple(  # type: ignore[return-value]
             f"{self.base_url}/notice/{kind}?{query}&s={self._sign(kind, values)}"
             f"&p={PRICE_MACRO}" for kind in ("win", "billing"))

@@ -20,6 +20,7 @@ CATALOG = os.path.join(os.path.dirname(__file__), "data", "campaigns.json")
 def server(memcached, tmp_path_factory):
     srv = launch_server(tmp_path_factory.mktemp("bid-http"), "--workers", "2",
                         "--campaigns", CATALOG, "--currency-rates", "EUR=1.10,JPY=0.0070",
+                        "--memcached-timeout-ms", "100",
                         memcached=memcached.address)
     yield srv
     srv.stop()

@@ -96,7 +96,8 @@ def test_budget_stops_a_campaign_once_billed_spend_reaches_it(start_server, memc
 
 
 def test_frequency_cap_counts_billed_impressions_per_user(start_server, memcached):
-    server = start_server("--campaigns", CATALOG, memcached=memcached.address)
+    server = start_server("--campaigns", CATALOG, "--memcached-timeout-ms", "100",
+                          memcached=memcached.address)
     user = {"id": "freq-user-1"}
     bid = one_bid(server, country="FRA", user=user)
     assert bid["cid"] == "capped"
@@ -121,6 +122,9 @@ def test_memcached_down_degrades_to_default_features(start_server, tmp_path):
         statuses = [server.bid(site_request())[0] for _ in range(50)]
         assert set(statuses) == {200}
         assert (time.monotonic() - started) / 50 < 0.05
+        # a frequency-capped campaign cannot know its count: it sits out rather than overserve
+        status, headers, _ = server.bid(site_request(country="FRA"))
+        assert status == 204 and headers["x-nobid-reason"] == "frequency_capped"
         status, _, body = server.request("GET", "/readyz")
         ready = json.loads(body)
         assert status == 200 and ready["ready"] is True  # memcached only degrades
