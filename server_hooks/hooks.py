@@ -5,7 +5,8 @@ resolved ``Settings`` from ``server.app.settings`` (the arbiter's application),
 or from ``BIDDER_*`` environment variables when Gunicorn is run directly.
 
 Master: ``when_ready`` plans slot -> CPU once (a bad ``--cpu-map`` stops the
-start with a clear message) and freezes the preloaded heap; ``pre_fork`` gives
+start with a clear message), raises the open-files soft limit to the hard one
+and freezes the preloaded heap; ``pre_fork`` gives
 the new worker a stable slot; ``child_exit`` frees it. Worker: ``post_fork``
 pins to the slot's CPU, sets the EEVDF slice and reports where it runs.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 
 from bidder import metrics
 from bidder.settings import Settings, resolve
@@ -54,6 +56,10 @@ def when_ready(server) -> None:
     _slots = SlotTable(_plan.cpu_for, len(_plan.order))
     server.log.info("pinning %s: slot i -> CPU %s[i %% %d]",
                     "on" if settings.pin else "off", list(_plan.order), len(_plan.order))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # one descriptor per keep-alive connection: use all the host allows
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        server.log.info("open files limit raised from %s to %s", soft, hard)
     gc.collect()
     gc.freeze()  # preloaded catalog and model arrays stay shared copy-on-write
 
