@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
             result = closed_run(app, serve_args, memcached.address, logs, placement, args)
             runs.append(result)
             stack.log(f"{app}: {result['rps']:.0f} requests/s (p50 {result['p50_ms']:.2f} ms, "
-                      f"p99 {result['p99_ms']:.2f} ms), server CPU {result['server_cpus_busy']:.2f}"
-                      f" CPUs, generator {result['generator_utilisation']:.0%} of a core, "
+                      f"p99 {result['p99_ms']:.2f} ms), {result['cpu_us_per_request']:.0f} us CPU/"
+                      f"request, workers busy {result['server_cpus_busy']:.2f} CPUs, generator {result['generator_utilisation']:.0%} of a core, "
                       f"failed {result['failed']}")
         if args.capacity_budget > 0:
             bidder_rps = stats.mean([r["rps"] for r in runs if r["app"] == "bidder"])
@@ -95,11 +95,13 @@ def closed_run(app: str, serve_args: list[str], memcached: str, logs: str,
         load = openloop.run_process(openloop.command(server.url, args.duration, None,
                                                      out=gen_out, **gen), gen_out,
                                     args.duration + 60)
-        busy = (stack.read_counters(workers) - before).cpu_s / (time.monotonic() - t0)
+        cpu_s = (stack.read_counters(workers) - before).cpu_s
+        busy = cpu_s / (time.monotonic() - t0)
     lat = load["latency"]
     return {"app": app, "rps": load["achieved_rps"], "requests": load["ok"],
             "failed": load["failed"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
             "nobid_share": load["nobid_share"], "server_cpus_busy": busy,
+            "cpu_us_per_request": cpu_s * 1e6 / max(1, load["ok"]),
             "workers": len(workers), "generator_utilisation": load["generator_utilisation"]}
 
 
@@ -107,6 +109,7 @@ def summarise(runs: list[dict[str, Any]], cap: capacity.Capacity | None,
               placement: stack.Placement, args: argparse.Namespace) -> dict[str, Any]:
     apps = {app: [r for r in runs if r["app"] == app] for app in ("hello", "bidder")}
     rps = {app: stats.mean([r["rps"] for r in rs]) for app, rs in apps.items()}
+    cpu = {app: stats.mean([r["cpu_us_per_request"] for r in rs]) for app, rs in apps.items()}
     ratio = rps["bidder"] / rps["hello"] if rps["hello"] else float("nan")
     gen_hello = max(r["generator_utilisation"] for r in apps["hello"])
     notes = [placement.note]
@@ -115,6 +118,9 @@ def summarise(runs: list[dict[str, Any]], cap: capacity.Capacity | None,
                      "the server, limited hello-world throughput, so the ratio is an upper bound")
     return {
         "hello_rps": rps["hello"], "bidder_rps": rps["bidder"], "ratio": ratio,
+        "hello_cpu_us_per_request": cpu["hello"], "bidder_cpu_us_per_request": cpu["bidder"],
+        # what the throughput ratio would be if both were CPU-bound: robust to a noisy shared box
+        "cpu_ratio": cpu["hello"] / cpu["bidder"] if cpu["bidder"] else float("nan"),
         "target_ratio": TARGET_RATIO, "ratio_met": ratio >= TARGET_RATIO,
         "capacity_rps_at_sla": cap.rate if cap else None,
         "capacity_bracketed": cap.bracketed if cap else None,
@@ -130,7 +136,10 @@ def format_summary(doc: dict[str, Any]) -> str:
              f"  hello-world Falcon: {doc['hello_rps']:8.0f} requests/s",
              f"  bidder:             {doc['bidder_rps']:8.0f} requests/s",
              f"  ratio bidder/hello: {doc['ratio']:8.2f}   (target >= {doc['target_ratio']:g}: "
-             f"{'met' if doc['ratio_met'] else 'NOT met'})"]
+             f"{'met' if doc['ratio_met'] else 'NOT met'})",
+             f"  worker CPU per request: hello {doc['hello_cpu_us_per_request']:.0f} us, bidder "
+             f"{doc['bidder_cpu_us_per_request']:.0f} us (ratio {doc['cpu_ratio']:.2f}: the "
+             "throughput ratio if both were CPU-bound)"]
     if doc["capacity_rps_at_sla"] is not None:
         bound = "" if doc["capacity_bracketed"] else " (budget ran out before a failing step)"
         lines.append(f"  bidder capacity at p99 <= {doc['sla_p99_ms']:g} ms: "

@@ -156,16 +156,21 @@ class Server:
             self.process = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         deadline = time.monotonic() + timeout_s
+        seen: list[int] = []
+        stable = 0  # ready once /readyz answers 200 and the worker set held still for 0.5 s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: "
                                    f"{shlex.join(self.argv())}\n{self.log_tail()}")
             try:
                 status, _ = get(self.url + "/readyz")
-                if status == 200 and self.workers():
-                    return self
             except OSError:
-                pass
+                status = 0
+            workers = self.workers()
+            stable = stable + 1 if status == 200 and workers and workers == seen else 0
+            seen = workers
+            if stable >= 5:
+                return self
             time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"server not ready after {timeout_s:.0f} s: {shlex.join(self.argv())}\n"
