@@ -1,0 +1,135 @@
+"""Hot reload in a real ``bidder serve`` under load: watched file, bad file, SIGHUP; no failed request."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from models import artifact, synthetic
+from models.lr import FTRLLogisticRegression
+from tests.conftest import launch_server
+
+REQUEST = json.dumps({
+    "id": "r", "tmax": 500,
+    "imp": [{"id": "1", "banner": {"format": [{"w": 300, "h": 250}, {"w": 728, "h": 90}]},
+             "bidfloor": 0.01, "bidfloorcur": "USD"}],
+    "site": {"id": "s", "domain": "news.example"},
+    "device": {"devicetype": 2, "os": "Windows", "geo": {"country": "USA"}},
+    "user": {"id": "user-00000007"},
+}).encode()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-models")
+    data = synthetic.generate(30_000, seed=2).encode(14)
+    paths = {}
+    for name, shift in (("a", 0.0), ("b", 1.0)):
+        m = FTRLLogisticRegression(hash_bits=14, epochs=1).fit(data.X, data.y)
+        m.w[m.bias_index] += shift  # b bids ~2.7x higher than a
+        m.version = name
+        artifact.save(m, d / f"{name}.npz")
+        paths[name] = d / f"{name}.npz"
+    return paths
+
+
+def _install(src, dst):
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class Load:
+    """Two keep-alive clients sending bid requests until stopped; records every outcome."""
+
+    def __init__(self, port: int):
+        self.port, self.stop, self.failures, self.ok = port, threading.Event(), [], 0
+        self.threads = [threading.Thread(target=self._run) for _ in range(2)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while not self.stop.is_set():
+            try:
+                conn.request("POST", "/openrtb2/bid", REQUEST, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                body = resp.read()
+                reason = resp.getheader("X-Nobid-Reason")
+                if resp.status not in (200, 204) or reason == "internal_error":
+                    self.failures.append((resp.status, reason, body[:200]))
+                else:
+                    self.ok += 1
+                if resp.getheader("Connection", "").lower() == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException) as exc:
+                # A worker retired by SIGHUP closes idle keep-alive connections: reconnecting is
+                # normal client behaviour, but a request sent and then lost is a failure.
+                if isinstance(exc, http.client.RemoteDisconnected) or isinstance(exc, ConnectionResetError):
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                    continue
+                self.failures.append(("error", repr(exc), b""))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.close()
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def _versions(server, n=12):
+    seen = set()
+    for _ in range(n):
+        status, _, body = server.request("GET", "/readyz")
+        seen.add(json.loads(body)["components"]["model"]["version"].split("-")[0])
+    return seen
+
+
+def _wait_version(server, version, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _versions(server) == {version}:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"workers did not all switch to {version}: {_versions(server)}\n{server.log()[-3000:]}")
+
+
+def test_hot_reload_under_load_never_fails_a_request(artifacts, tmp_path):
+    live = tmp_path / "model.npz"
+    _install(artifacts["a"], live)
+    server = launch_server(tmp_path / "srv", "--workers", "2", "--model", str(live),
+                           "--model-watch-s", "0.2",
+                           env={"BIDDER_MODEL_SNAPSHOTS": str(tmp_path / "snapshots")})
+    try:
+        assert _versions(server) == {"a"}
+        load = Load(server.port)
+        try:
+            time.sleep(0.5)
+            _install(artifacts["b"], live)  # 1. the watch picks up a new file in every worker
+            _wait_version(server, "b")
+            live.write_bytes(b"not a model")  # 2. a bad file is refused, b keeps serving
+            time.sleep(1.0)
+            assert _versions(server) == {"b"}
+            _install(artifacts["a"], live)  # 3. SIGHUP: the master reloads, new workers fork with a
+            os.kill(server.master_pid, signal.SIGHUP)
+            _wait_version(server, "a")
+            time.sleep(0.5)
+        finally:
+            load.finish()
+        assert not load.failures, load.failures[:5]
+        assert load.ok > 50
+        _, _, metrics = server.request("GET", "/metrics")
+        text = metrics.decode()
+        assert 'bidder_model_reloads_total{outcome="refused"}' in text
+        assert 'bidder_model_reloads_total{outcome="loaded"}' in text
+    finally:
+        server.stop()
