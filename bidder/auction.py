@@ -210,6 +210,8 @@ class Auction:
                 in_deal |= hit
             if pmp.private_auction:
                 allowed &= in_deal
+                if not allowed.any():
+                    return NoBid("no_deal_in_private_auction")
         eligible = np.flatnonzero(allowed[cat.cand_campaign] & size_ok)
         if eligible.size == 0:
             return NoBid("no_creative_fits")
@@ -226,7 +228,8 @@ class Auction:
         ci = int(camp[best])
         campaign, creative = cat.candidates[int(eligible[best])]
         deal = deal_of.get(ci)
-        price_usd = value[best] * FIRST_PRICE_SHADE if r.at == 1 else value[best]
+        auction_type = deal.at if deal is not None and deal.at else r.at  # a deal's own at wins
+        price_usd = value[best] * FIRST_PRICE_SHADE if auction_type == 1 else value[best]
         price_usd = max(price_usd, floors[best])
         floor_cur, floor = ((deal.bidfloorcur, deal.bidfloor) if deal is not None
                             else (imp.bidfloorcur, imp.bidfloor))

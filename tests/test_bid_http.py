@@ -105,8 +105,15 @@ def test_deal_floor_wins_over_imp_floor(server):
     [bid] = bids_of(body)
     assert bid["dealid"] == "d1" and bid["cid"] == "deal-only" and 0.2 <= bid["price"] < 100000
     req["imp"][0]["pmp"]["deals"] = [{"id": "someone-else", "bidfloor": 0.1}]
-    status, _, _ = server.bid(req)
-    assert status == 204  # private auction, no deal of ours
+    status, headers, _ = server.bid(req)
+    assert status == 204 and headers["x-nobid-reason"] == "no_deal_in_private_auction"
+    # a deal restricted to other seats is not ours either
+    req["imp"][0]["pmp"]["deals"] = [{"id": "d1", "bidfloor": 0.1, "wseat": ["agency-9"]}]
+    assert server.bid(req)[0] == 204
+    # open auction: the deal-only campaign still may bid on the deal at the deal floor
+    req["imp"][0]["pmp"] = {"private_auction": 0, "deals": [{"id": "d1", "bidfloor": 0.3}]}
+    status, _, body = server.bid(req)
+    assert status == 200 and bids_of(body)[0]["dealid"] == "d1"
 
 
 def test_blocks_bcat_badv_and_domain(server):
