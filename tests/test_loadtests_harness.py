@@ -1,0 +1,108 @@
+"""The load-test harness end to end on tiny runs: real servers, real HTTP, real processes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loadtests import capacity, openloop, stack
+
+BIDDER = [sys.executable, "-m", "bidder.cli"]
+
+
+@pytest.fixture(scope="module")
+def hello(memcached, tmp_path_factory):
+    """The hello-world app through ``bidder serve --app`` (2 workers): a fast, fixed target."""
+    with stack.Server(["--workers", "2"], memcached.address, str(tmp_path_factory.mktemp("hello")),
+                      app="loadtests.hello_app:app") as server:
+        yield server
+
+
+def test_open_loop_generator_sends_at_the_offered_rate(hello, tmp_path):
+    out = str(tmp_path / "gen.json")
+    result = openloop.run_process(openloop.command(hello.url, 1.0, 200, 8, out, users=2000), out, 60)
+    assert result["sent"] == 200 and result["ok"] == 200 and result["failed"] == 0
+    assert 150 < result["achieved_rps"] <= 205
+    assert 0 < result["latency"]["p50_ms"] <= result["latency"]["p99_ms"] < 1000
+
+
+def test_closed_loop_generator_reports_throughput(hello, tmp_path):
+    out = str(tmp_path / "gen.json")
+    result = openloop.run_process(openloop.command(hello.url, 1.0, None, 4, out), out, 60)
+    assert result["mode"] == "closed" and result["failed"] == 0
+    assert result["ok"] > 100 and result["achieved_rps"] > 100
+
+
+def _locust(url: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "locust"), "-f", "loadtests/locustfile.py",
+         "--host", url, "--headless", "-u", "5", "-r", "5", "-t", "2s", "--only-summary",
+         "--rate", "100", "--csv", str(tmp_path / "run"), *extra],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=60)
+
+
+def test_locust_open_loop_passes_the_sla_and_writes_csv(hello, tmp_path):
+    proc = _locust(hello.url, tmp_path, "--sla-p99-ms", "50")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SLA check passed" in proc.stderr
+    with open(tmp_path / "run_latency.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["mode"] == "open" and int(row["count"]) > 100 and int(row["failed"]) == 0
+    assert (tmp_path / "run_stats.csv").exists()  # Locust's own --csv still works
+
+
+def test_locust_exits_non_zero_when_the_sla_is_missed(hello, tmp_path):
+    proc = _locust(hello.url, tmp_path, "--sla-p99-ms", "0.001")
+    assert proc.returncode == 1
+    assert "SLA check FAILED" in proc.stderr
+
+
+def test_capacity_search_steps_up_while_passing(hello, tmp_path):
+    result = capacity.search(hello.url, sla_p99_ms=50, start=100, factor=2, max_steps=2,
+                             step_s=1.0, warmup_s=0.0, budget_s=60, connections=8,
+                             workdir=str(tmp_path))
+    assert [s.offered_rps for s in result.steps] == [100, 200]
+    assert all(s.passed for s in result.steps)
+    assert result.rate == 200 and not result.bracketed
+    assert "capacity at p99 <= 50 ms: 200" in capacity.table(result)
+
+
+def test_ab_end_to_end_writes_the_report(tmp_path):
+    out = tmp_path / "ab"
+    proc = subprocess.run(BIDDER + ["ab", "--reps", "1", "--duration", "2", "--rate", "50",
+                                    "--warmup", "0.5", "--users", "500", "--workers", "2",
+                                    "--out", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"arms", "ratios", "machine", "config"}
+    assert set(report["arms"]) == {"pinned", "unpinned"}
+    for arm in report["arms"].values():
+        for key in ("requests", "rps", "p50_ms", "p99_ms", "cpu_us_per_request",
+                    "migrations_per_request", "context_switches_per_request"):
+            assert key in arm, key
+        assert arm["requests"] >= 90 and arm["failed"] == 0
+        assert arm["cpu_us_per_request"] > 0
+    assert report["arms"]["pinned"]["migrations_per_request"] < 0.05  # pinned workers stay put
+    assert report["ratios"]["cpu_us_per_request"]["of"] == "pinned/unpinned"
+    assert report["machine"]["cpus"] >= 1 and "placement" in report["machine"]
+    assert sorted(report["config"]["order"]) == ["pinned", "unpinned"]
+    assert (out / "report.png").stat().st_size > 10_000
+    assert "| CPU us/request |" in (out / "report.md").read_text()
+
+
+def test_bench_prints_the_ratio(tmp_path):
+    proc = subprocess.run(BIDDER + ["bench", "--reps", "1", "--duration", "1", "--warmup", "0.5",
+                                    "--capacity-budget", "0", "--users", "500",
+                                    "--serve", "--workers 2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ratio bidder/hello" in proc.stdout
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["hello_rps"] > 0 and doc["bidder_rps"] > 0
+    assert doc["ratio"] == pytest.approx(doc["bidder_rps"] / doc["hello_rps"])
