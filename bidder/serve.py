@@ -8,10 +8,12 @@ HTTP/1.1 connections alive and spreads them evenly across workers.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -96,7 +98,29 @@ def run(args: argparse.Namespace) -> int:
     return serve(s)
 
 
+def check_bind(bind: str) -> str | None:
+    """Why ``bind`` cannot be listened on, said so a person can act on it (None if it can)."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        return f"--bind {bind!r}: write it as HOST:PORT, e.g. 127.0.0.1:8080"
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (f"{bind} is already in use by another process: stop it, or choose "
+                        "another address with --bind HOST:PORT")
+            return f"cannot listen on {bind}: {exc.strerror}"
+    return None
+
+
 def serve(s: Settings) -> int:
+    problem = check_bind(s.bind)
+    if problem:
+        print(f"bidder serve: {problem}", file=sys.stderr)
+        return 1
     metrics_dir = tempfile.mkdtemp(prefix="bidder-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
     logging.basicConfig(level=s.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)

@@ -180,7 +180,8 @@ def test_port_in_use_and_bad_memcached_address_say_what_to_do(tmp_path):
         cmd = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
                "--memcached", "none", "--ledger", str(tmp_path / "l.db")]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
+    assert result.returncode != 0 and "already in use" in result.stderr
+    assert "--bind" in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "bidder.cli", "serve", "--memcached", "localhost",
          "--bind", "127.0.0.1:0", "--ledger", str(tmp_path / "l.db")],
