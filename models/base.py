@@ -21,12 +21,15 @@ import numpy as np
 
 
 def sigmoid_(z: np.ndarray) -> np.ndarray:
-    """In-place logistic function of a float64 array (returns it)."""
-    np.clip(z, -35.0, 35.0, out=z)
-    np.negative(z, out=z)
-    np.exp(z, out=z)
-    z += 1.0
-    np.reciprocal(z, out=z)
+    """In-place logistic function of a float64 array (returns it).
+
+    ``sigmoid(z) = (1 + tanh(z / 2)) / 2``: no overflow for any ``z``, so no ``np.clip``
+    (which costs several microseconds a call, more than the arithmetic).
+    """
+    z *= 0.5
+    np.tanh(z, out=z)
+    z *= 0.5
+    z += 0.5
     return z
 
 
@@ -100,11 +103,24 @@ class HashedModel(ABC):
         """Calibrated P(click) of each row ``shared ++ candidates[i]``: the bid path's one call."""
         return self._calibrate(self.decision_shared(shared, candidates))
 
+    @property
+    def calibration(self) -> np.ndarray:
+        """Platt's ``(a, b)``: ``P(click) = sigmoid(a * logit + b)``."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, value: np.ndarray) -> None:
+        self._calibration = np.array(value, dtype=np.float64)
+        self._half_a, self._half_b = 0.5 * float(value[0]), 0.5 * float(value[1])
+
     def _calibrate(self, z: np.ndarray) -> np.ndarray:
-        a, b = self.calibration
-        z *= a
-        z += b
-        return sigmoid_(z)
+        """``sigmoid(a * z + b)`` in place, folded into the tanh form."""
+        z *= self._half_a
+        z += self._half_b
+        np.tanh(z, out=z)
+        z *= 0.5
+        z += 0.5
+        return z
 
     def fit(self, X: np.ndarray, y: np.ndarray, progress: bool = False) -> "HashedModel":
         """Train from scratch: ``epochs`` shuffled passes of mini-batch updates."""

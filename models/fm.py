@@ -20,7 +20,7 @@ import numpy as np
 from models.base import HashedModel, sigmoid_
 from models.features import DEFAULT_HASH_BITS
 from models.logs import PAD
-from models.lr import FTRLLogisticRegression
+from models.lr import FTRLLogisticRegression, _ones
 
 _CHUNK = 65_536  # rows scored at once, to bound the (rows, width, k) gather
 
@@ -54,18 +54,22 @@ class FactorizationMachine(FTRLLogisticRegression):
         return out
 
     def _logit_and_sums(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = self.V[X].sum(axis=1, dtype=np.float64)  # (n, k)
-        inter = np.einsum("ij,ij->i", s, s) - self.v_sq[X].sum(axis=1, dtype=np.float64)
+        ones = _ones(X.shape[1], self.V.dtype)
+        s = ones @ self.V[X]  # (n, k): sums of the row's factor vectors
+        inter = np.einsum("ij,ij->i", s, s) - self.v_sq[X] @ ones
         return super().decision_function(X) + 0.5 * inter, s
 
     def decision_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         V, v_sq = self.V, self.v_sq
         z = super().decision_shared(shared, candidates)
-        s = V[candidates].sum(axis=1, dtype=np.float64)  # (n, k)
-        s += V[shared].sum(axis=0, dtype=np.float64)
-        inter = np.einsum("ij,ij->i", s, s)
-        inter -= v_sq[candidates].sum(axis=1, dtype=np.float64)
-        inter -= float(v_sq[shared].sum(dtype=np.float64))
+        ones = _ones(candidates.shape[1], V.dtype)
+        shared_v = V[shared]
+        s = ones @ V[candidates]  # (n, k) = s_c
+        s += _ones(len(shared), V.dtype) @ shared_v  # + s_r
+        np.square(s, out=s)
+        inter = s @ _ones(s.shape[1], s.dtype)  # |s_r + s_c|^2
+        inter -= v_sq[candidates] @ ones  # - q_c
+        inter -= float(np.add.reduce(v_sq[shared], dtype=np.float64))  # - q_r
         inter *= 0.5
         z += inter
         return z

@@ -20,6 +20,19 @@ from models.features import DEFAULT_HASH_BITS
 from models.logs import PAD
 
 
+_ONES: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    """A cached read-only vector of ``n`` ones (the row-sum operand)."""
+    key = (n, np.dtype(dtype))
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = np.ones(n, dtype=dtype)
+        ones.flags.writeable = False
+    return ones
+
+
 class FTRLLogisticRegression(HashedModel):
     """Hashed logistic regression; ``w`` holds one float per bucket, the bias and a zero pad."""
 
@@ -38,13 +51,16 @@ class FTRLLogisticRegression(HashedModel):
         self._n = np.zeros(self.n_rows, dtype=np.float64)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return self.w[X].sum(axis=1, dtype=np.float64) + float(self.w[self.bias_index])
+        w = self.w
+        # Row sums as a matrix-vector product: far faster than .sum(axis=1) on narrow rows.
+        return np.add(w[X] @ _ones(X.shape[1], w.dtype), float(w[self.bias_index]),
+                      dtype=np.float64)
 
     def decision_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         w = self.w
-        z = w[candidates].sum(axis=1, dtype=np.float64)  # one gather + sum for all candidates
-        z += float(w[shared].sum(dtype=np.float64)) + float(w[self.bias_index])
-        return z
+        base = float(w[self.bias_index]) + float(np.add.reduce(w[shared], dtype=np.float64))
+        # One gather and one matrix-vector product for all candidates.
+        return np.add(w[candidates] @ _ones(candidates.shape[1], w.dtype), base, dtype=np.float64)
 
     def _update(self, X: np.ndarray, y: np.ndarray) -> None:
         self._ftrl_step(X, sigmoid_(self.decision_function(X)) - y)
