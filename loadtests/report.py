@@ -69,19 +69,33 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{' '.join(cfg['order'])}.", "",
              f"- {a}: `bidder serve {doc['arms'][a]['serve_args']}`",
              f"- {b}: `bidder serve {doc['arms'][b]['serve_args']}`", "",
+             "## Per-run metrics, mean of runs", "",
              f"| metric | {a} | {b} | ratio {a}/{b} [{1 - cfg['alpha']:.0%} CI] | p | verdict |",
              "|---|---|---|---|---|---|"]
     for key, label, fmt in MD_METRICS:
         if key not in doc["ratios"]:
             continue
         r = doc["ratios"][key]
-        lines.append(f"| {label} | {_fmt(fmt, doc['arms'][a].get(key))} | "
-                     f"{_fmt(fmt, doc['arms'][b].get(key))} | {_fmt('{:.3f}', r['ratio'])} "
-                     f"[{_fmt('{:.3f}', r['ci_low'])}, {_fmt('{:.3f}', r['ci_high'])}] | "
-                     f"{r['p_value']:.3f} | {r['verdict']} |")
-    lines += ["", "Latency percentiles of an arm are over all its runs' requests (merged "
-              "histograms, from the intended send time); ratios and CIs are over per-run values "
-              "(bootstrap over runs, exact permutation test).", "",
+        lines.append(f"| {label} | {_fmt(fmt, r['a_mean'])} | {_fmt(fmt, r['b_mean'])} | "
+                     f"{_fmt('{:.3f}', r['ratio'])} [{_fmt('{:.3f}', r['ci_low'])}, "
+                     f"{_fmt('{:.3f}', r['ci_high'])}] | {r['p_value']:.3f} | {r['verdict']} |")
+    n_a, n_b = doc["arms"][a]["reps"], doc["arms"][b]["reps"]
+    lines += ["", "Ratios: percentile bootstrap over runs (each run a fresh server); p: exact "
+              "permutation test over runs. Significant = CI excludes 1 and p <= "
+              f"{cfg['alpha']:g}." + (
+                  f" With {n_a} vs {n_b} runs the smallest possible p is "
+                  f"{stats.smallest_pvalue(n_a, n_b):.3f}: use --reps 4 or more for a verdict."
+                  if stats.smallest_pvalue(n_a, n_b) > cfg["alpha"] else ""), "",
+              "## Latency over all requests of an arm (merged histograms, from the intended "
+              "send time)", "",
+              "| arm | requests | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | no-bid share |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name in (a, b):
+        arm = doc["arms"][name]
+        lines.append(f"| {name} | {arm['requests']} | {arm['p50_ms']:.2f} | {arm['p90_ms']:.2f} | "
+                     f"{arm['p99_ms']:.2f} | {arm['p99_9_ms']:.2f} | {arm['max_ms']:.2f} | "
+                     f"{arm['nobid_share']:.1%} |")
+    lines += ["",
               "## Machine", "",
               f"- {machine['cpus']} CPUs ({machine['cpu_model'] or 'unknown model'}), "
               f"Linux {machine['kernel']}, Python {machine['python']}",

@@ -150,8 +150,8 @@ def compare(a: Sequence[float], b: Sequence[float], alpha: float = 0.05,
     if excludes_one and p <= alpha:
         verdict = "significant"
     elif floor_p > alpha:
-        verdict = ("suggestive (CI excludes 1)" if excludes_one else "no difference seen") + (
-            f"; too few reps to test: {len(a)} vs {len(b)} reps cannot give p <= {alpha:g}")
+        verdict = ("suggestive (CI excludes 1" if excludes_one else "no difference seen (") + (
+            "; too few reps to test)" if excludes_one else "too few reps to test)")
     else:
         verdict = "not significant"
     return Comparison(mean(a), mean(b), ratio, low, high, p, verdict)
