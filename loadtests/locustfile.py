@@ -89,7 +89,8 @@ def _init(environment: Environment, **_: Any) -> None:
     if environment.web_ui is not None:
         @environment.web_ui.app.route("/bidder-latency")
         def _latency() -> dict[str, Any]:
-            return _report(environment)
+            return {k: None if isinstance(v, float) and math.isnan(v) else v
+                    for k, v in _report(environment).items()}
 
 
 @events.test_start.add_listener
@@ -122,7 +123,8 @@ def _worker_report(client_id: str, data: dict[str, Any]) -> None:
 
 @events.quitting.add_listener
 def _quitting(environment: Environment, **_: Any) -> None:
-    if isinstance(environment.runner, WorkerRunner) or environment.parsed_options is None:
+    if isinstance(environment.runner, WorkerRunner) or environment.parsed_options is None \
+            or "start" not in _RUN:  # a worker, or a web UI closed before any test ran
         return
     report = _report(environment)
     print(_format(report), file=sys.stderr)
