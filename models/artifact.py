@@ -222,25 +222,38 @@ def snapshot(path: str | Path, directory: Path | None = None) -> Path:
     path = Path(path)
     directory = directory or SNAPSHOT_DIR
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    tmp = directory / f".{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                dst.write(chunk)
-        target = directory / f"{h.hexdigest()[:32]}.npz"
-        if target.exists():
+        target = directory / f"{_file_digest(path)}.npz"
+        if target.exists():  # another worker (or an earlier load) made it: share it
             os.utime(target)
         else:
-            os.replace(tmp, target)
+            tmp = directory / f".{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                h = hashlib.sha256()
+                with open(path, "rb") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        h.update(chunk)
+                        dst.write(chunk)
+                target = directory / f"{h.hexdigest()[:32]}.npz"  # named by what was copied
+                try:
+                    os.link(tmp, target)  # never replaces: a racing worker's copy is kept and shared
+                except FileExistsError:
+                    pass
+            finally:
+                tmp.unlink(missing_ok=True)
     except FileNotFoundError:
         raise ArtifactError(f"model artifact {path} does not exist; train one with "
                             "`bidder train --synthetic 1000000 --out PATH` or pass --model PATH") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     _prune(directory, keep=target)
     return target
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:32]
 
 
 def _prune(directory: Path, keep: Path, max_age_s: float = 3600.0) -> None:
