@@ -10,6 +10,7 @@ counts, because a pinned worker cannot borrow its idle neighbour's core.
     python -m loadtests.balance                       # balanced worker vs plain gthread
     python -m loadtests.balance --worker-class server_hooks.worker.BalancedThreadWorker
     python -m loadtests.balance --connections 64 --rate 1200 --no-pin
+    python -m loadtests.balance --bid        # the real bid path (connections per worker unseen)
 
 The server is ``bidder serve`` (same Gunicorn configuration, hooks, slots,
 pinning and worker class as the bid server) serving :func:`app`, a small
@@ -22,11 +23,13 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -87,7 +90,31 @@ def wait_ready(port: int, master: subprocess.Popen, workers: int, timeout: float
     raise RuntimeError(f"server not ready on port {port} after {timeout:.0f} s")
 
 
-def drive(port: int, connections: int, seconds: float, rate: float) -> dict[str, object]:
+def hello_request(conn: http.client.HTTPConnection) -> tuple[http.client.HTTPResponse, int]:
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    return response, int(response.read())
+
+
+def bid_requester(count: int = 256):
+    """POST real OpenRTB requests (``loadtests.traffic``); the bid app does not say its pid."""
+    from loadtests.traffic import generate
+
+    requests = generate(count)
+    serial = iter(range(1 << 62))
+
+    def send(conn: http.client.HTTPConnection) -> tuple[http.client.HTTPResponse, int | None]:
+        request = requests[next(serial) % count]
+        conn.request("POST", "/openrtb2/bid", body=request.body, headers=request.headers)
+        response = conn.getresponse()
+        response.read()
+        return response, None
+
+    return send
+
+
+def drive(port: int, connections: int, seconds: float, rate: float, send=hello_request,
+          ) -> dict[str, object]:
     """Open ``connections`` keep-alive connections at once and send ``rate`` requests/s over them.
 
     Every connection carries the same share of the rate, paced (a late response
@@ -103,6 +130,7 @@ def drive(port: int, connections: int, seconds: float, rate: float) -> dict[str,
     served: list[dict[int, int]] = [{} for _ in range(connections)]
     last: list[int | None] = [None] * connections
     reconnects = [0] * connections
+    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
 
     def loop(index: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -114,11 +142,11 @@ def drive(port: int, connections: int, seconds: float, rate: float) -> dict[str,
             if pause > 0:
                 time.sleep(pause)
             due += interval
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            pid = int(response.read())
-            served[index][pid] = served[index].get(pid, 0) + 1
-            last[index] = pid
+            response, pid = send(conn)
+            statuses[index][response.status] = statuses[index].get(response.status, 0) + 1
+            if pid is not None:
+                served[index][pid] = served[index].get(pid, 0) + 1
+                last[index] = pid
             if response.will_close:
                 reconnects[index] += 1
                 conn.close()
@@ -137,14 +165,21 @@ def drive(port: int, connections: int, seconds: float, rate: float) -> dict[str,
     for pid in last:
         if pid is not None:
             holding[pid] = holding.get(pid, 0) + 1
-    return {"requests": requests, "connections_at_end": holding, "reconnects": sum(reconnects)}
+    status: dict[int, int] = {}
+    for per_conn in statuses:
+        for code, count in per_conn.items():
+            status[code] = status.get(code, 0) + count
+    return {"requests": requests, "connections_at_end": holding, "reconnects": sum(reconnects),
+            "status": status}
 
 
 def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
     """Boot a fresh server, load it, measure each worker's CPU time, stop it."""
     port = free_port()
+    workdir = tempfile.mkdtemp(prefix="bidder-balance-")
     command = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
-               "--app", "loadtests.balance:app", "--memcached", "none",
+               *(() if args.bid else ("--app", "loadtests.balance:app")), "--memcached", "none",
+               "--ledger", os.path.join(workdir, "ledger.sqlite3"),
                "--workers", str(args.workers), "--worker-class", worker_class,
                "--pin" if args.pin else "--no-pin", "--log-level", "warning"]
     master = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -152,7 +187,8 @@ def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
         pids = wait_ready(port, master, args.workers)
         time.sleep(args.settle)
         before = {pid: cpu_seconds(pid) for pid in pids}
-        load = drive(port, args.connections, args.seconds, args.rate)
+        load = drive(port, args.connections, args.seconds, args.rate,
+                      bid_requester() if args.bid else hello_request)
         used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
     finally:
         master.send_signal(signal.SIGTERM)
@@ -161,13 +197,15 @@ def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
         except subprocess.TimeoutExpired:
             master.kill()
             master.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
     ratio = min(used.values()) / max(used.values()) if max(used.values()) > 0 else 0.0
     return {"cpu_s": {str(pid): round(t, 3) for pid, t in used.items()},
             "requests": {str(pid): load["requests"].get(pid, 0) for pid in pids},
             "connections_at_end": {str(pid): load["connections_at_end"].get(pid, 0)
                                    for pid in pids},
             "reconnects": load["reconnects"], "ratio": round(ratio, 3),
-            "rate": round(sum(load["requests"].values()) / args.seconds, 1)}
+            "status": {str(k): v for k, v in sorted(load["status"].items())},
+            "rate": round(sum(load["status"].values()) / args.seconds, 1)}
 
 
 def measure(args: argparse.Namespace) -> int:
@@ -180,8 +218,9 @@ def measure(args: argparse.Namespace) -> int:
             starts.append(result)
             print(f"{worker_class} start {n + 1}/{args.starts}: ratio {result['ratio']:.2f} "
                   f"cpu_s {list(result['cpu_s'].values())} "
-                  f"conns {list(result['connections_at_end'].values())} "
-                  f"reconnects {result['reconnects']} req/s {result['rate']}", file=sys.stderr, flush=True)
+                  f"conns {list(result['connections_at_end'].values()) if not args.bid else '?'} "
+                  f"reconnects {result['reconnects']} req/s {result['rate']} "
+                  f"status {result['status']}", file=sys.stderr, flush=True)
         ratios = [s["ratio"] for s in starts]
         report[worker_class] = {"min_ratio": min(ratios), "median_ratio": statistics.median(ratios),
                                 "starts_below_threshold": sum(r < THRESHOLD for r in ratios),
@@ -212,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between the server answering and the connections opening")
     parser.add_argument("--worker-class", action="append",
                         help="worker class to measure (repeatable); default: balanced and gthread")
+    parser.add_argument("--bid", action="store_true",
+                        help="serve the real bid app (bundled model, no feature store) and POST "
+                             "OpenRTB requests instead of the pid-echo app")
     parser.add_argument("--json", help="write every start's numbers here")
     args = parser.parse_args(argv)
     return measure(args)
