@@ -32,7 +32,7 @@ class FactorizationMachine(FTRLLogisticRegression):
 
     def __init__(self, hash_bits: int = DEFAULT_HASH_BITS, k: int = 8, alpha: float = 0.1,
                  beta: float = 1.0, l1: float = 0.1, l2: float = 0.1, lr_v: float = 0.05,
-                 l2_v: float = 3e-3, init_std: float = 0.01, batch_size: int = 256, epochs: int = 3,
+                 l2_v: float = 1e-2, init_std: float = 0.01, batch_size: int = 256, epochs: int = 3,
                  seed: int = 0):
         self.k, self.lr_v, self.l2_v, self.init_std = k, lr_v, l2_v, init_std
         super().__init__(hash_bits, alpha, beta, l1, l2, batch_size, epochs, seed)

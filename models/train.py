@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2", type=float, default=0.1, help="FTRL L2 strength")
     parser.add_argument("--k", type=int, default=8, help="FM factors per feature")
     parser.add_argument("--lr-v", type=float, default=0.05, help="FM factor learning rate (AdaGrad)")
-    parser.add_argument("--l2-v", type=float, default=3e-3, help="FM factor L2 strength")
+    parser.add_argument("--l2-v", type=float, default=1e-2, help="FM factor L2 strength")
     parser.add_argument("--holdout", type=float, default=0.3,
                         help="fraction of rows held out (half calibrates, half tests)")
     parser.add_argument("--no-calibration", action="store_true", help="skip Platt calibration")
