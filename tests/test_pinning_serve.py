@@ -85,3 +85,19 @@ def test_pin_failure_is_a_warning_not_a_crash():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "could not pin to CPU 4095" in done.stdout and "serving unpinned" in done.stdout
+
+
+def test_metrics_show_where_every_worker_runs(start_server):
+    """The real bid app: GET /metrics lists slot, pid, CPUs and slice of each live worker."""
+    server = start_server("--workers", "2", "--pin", "--slice-ms", "10")
+    pids = wait_for_workers(server, 2)
+    status, _, body = server.request("GET", "/metrics")
+    assert status == 200
+    lines = [line for line in body.decode().splitlines()
+             if line.startswith("bidder_worker_info{")]
+    for pid in pids:
+        line, = [line for line in lines if f'pid="{pid}"' in line]
+        assert f'cpus="{",".join(map(str, sorted(affinity(pid))))}"' in line
+        assert 'slot="' in line and line.endswith(" 1.0")
+        if sched.kernel_version() >= sched.SLICE_KERNEL:
+            assert 'slice_ns="10000000"' in line
