@@ -140,3 +140,16 @@ def test_missing_model_fails_at_start_with_a_clear_message(tmp_path):
 def test_default_is_the_bundled_model():
     handle = ModelHandle(None, watch_s=1)
     assert handle.status()["path"] == str(artifact.BUNDLED) and handle.current.kind in ("lr", "fm")
+
+
+def test_workers_loading_the_same_version_share_one_mapped_file(two_artifacts, tmp_path):
+    live = tmp_path / "model.npz"
+    _install(two_artifacts[0], live)
+    first, second = ModelHandle(live, watch_s=0), ModelHandle(live, watch_s=0)
+    snaps = list((tmp_path / "snapshots").glob("*.npz"))
+    assert len(snaps) == 1
+    # Both models' weights are views of a mapping of that one snapshot file.
+    maps = open("/proc/self/maps").read()
+    assert str(snaps[0]) in maps
+    np.testing.assert_array_equal(first.current.w, second.current.w)
+    assert not first.current.w.flags.writeable
