@@ -133,8 +133,8 @@ def summarise(runs: list[dict[str, Any]], cap: capacity.Capacity | None,
 def format_summary(doc: dict[str, Any]) -> str:
     lines = [f"bench: bidder serve {doc['serve'] or '(defaults)'}, {doc['connections']} keep-alive "
              f"connections, {doc['duration_s']:g} s closed loop x {doc['reps']} each",
-             f"  hello-world Falcon: {doc['hello_rps']:8.0f} requests/s",
-             f"  bidder:             {doc['bidder_rps']:8.0f} requests/s",
+             f"  hello-world Falcon: {doc['hello_rps']:8.0f} requests/s{_spread(doc, 'hello')}",
+             f"  bidder:             {doc['bidder_rps']:8.0f} requests/s{_spread(doc, 'bidder')}",
              f"  ratio bidder/hello: {doc['ratio']:8.2f}   (target >= {doc['target_ratio']:g}: "
              f"{'met' if doc['ratio_met'] else 'NOT met'})",
              f"  worker CPU per request: hello {doc['hello_cpu_us_per_request']:.0f} us, bidder "
@@ -146,3 +146,9 @@ def format_summary(doc: dict[str, Any]) -> str:
                      f"{doc['capacity_rps_at_sla']:.0f} requests/s (open loop){bound}")
     lines += [f"  note: {n}" for n in doc["notes"]]
     return "\n".join(lines)
+
+
+def _spread(doc: dict[str, Any], app: str) -> str:
+    """`` (runs: min-max)`` when there were several runs: a noisy box shows here first."""
+    values = [r["rps"] for r in doc["runs"] if r["app"] == app]
+    return f"  (runs {min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
