@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from models.evaluate import log_loss
+
 
 def sigmoid_(z: np.ndarray) -> np.ndarray:
     """In-place logistic function of a float64 array (returns it).
@@ -132,8 +134,7 @@ class HashedModel(ABC):
             order = rng.permutation(len(y))
             self.partial_fit(X[order], y[order])
             if progress:
-                p = self.predict_proba(X[:200_000])
-                ll = -np.mean(y[:200_000] * np.log(p) + (1 - y[:200_000]) * np.log(1 - p))
+                ll = log_loss(y[:200_000], self.predict_proba(X[:200_000]))
                 print(f"[{self.kind}] epoch {epoch + 1}/{self.epochs}: train log loss {ll:.5f} "
                       f"({time.monotonic() - start:.1f}s)", file=sys.stderr)
         self.version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
