@@ -22,7 +22,6 @@ samples since the last one. With ``--csv PREFIX`` the summary is also written to
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import random
 import sys
@@ -33,18 +32,20 @@ from typing import Any
 import gevent
 from locust import FastHttpUser, events, task
 from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import WorkerRunner
 
 from loadtests import stats, traffic
 
 BID_PATH = "/openrtb2/bid"
-log = logging.getLogger("bidder.locust")
 
 
 class _Tally:
     """This process's samples since the last report (workers) or in total (master, local)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.histogram = stats.new_histogram()
         self.statuses: Counter = Counter()
         self.failed = 0
@@ -57,7 +58,7 @@ class _Tally:
     def drain(self) -> dict[str, Any]:
         data = {"histogram": stats.encode(self.histogram),
                 "statuses": {str(k): v for k, v in self.statuses.items()}, "failed": self.failed}
-        self.__init__()
+        self.reset()
         return data
 
 
