@@ -18,6 +18,8 @@ or any request failed. Distributed runs (``--master``/``--worker``) merge the
 workers' histograms exactly: each stats report carries the histogram of the
 samples since the last one. With ``--csv PREFIX`` the summary is also written to
 ``PREFIX_latency.csv``. The rate is split over the user count at test start.
+Workers flush their last samples to the master when they stop, so the verdict
+counts every answer.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from typing import Any
 import gevent
 from locust import FastHttpUser, events, task
 from locust.env import Environment
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests import stats, traffic
 
@@ -87,6 +89,10 @@ def _arguments(parser) -> None:
 
 @events.init.add_listener
 def _init(environment: Environment, **_: Any) -> None:
+    if isinstance(environment.runner, MasterRunner):
+        # a worker's last samples arrive in this message, before the master's test_stop
+        environment.runner.register_message(
+            "bidder_tally", lambda environment, msg, **__: TALLY.absorb(msg.data))
     if environment.web_ui is not None:
         @environment.web_ui.app.route("/bidder-latency")
         def _latency() -> dict[str, Any]:
@@ -107,7 +113,11 @@ def _test_start(environment: Environment, **_: Any) -> None:
 
 @events.test_stop.add_listener
 def _test_stop(environment: Environment, **_: Any) -> None:
-    if not isinstance(environment.runner, WorkerRunner):
+    if isinstance(environment.runner, WorkerRunner):
+        # flush now: Locust's own final stats report reaches the master only after its
+        # quitting hook, where the SLA verdict is made
+        environment.runner.send_message("bidder_tally", TALLY.drain())
+    else:
         _RUN["stop"] = time.monotonic()
 
 
