@@ -87,7 +87,10 @@ def post_fork(server, worker) -> None:
     else:
         slice_ns = sched.read_slice()
     cpus = format_cpulist(os.sched_getaffinity(0))
-    metrics.record_worker(slot=worker.slot, pid=os.getpid(), cpus=cpus, slice_ns=slice_ns)
+    try:
+        metrics.record_worker(slot=worker.slot, pid=os.getpid(), cpus=cpus, slice_ns=slice_ns)
+    except OSError as exc:  # a metrics file problem must not stop the worker from booting
+        server.log.warning("worker slot=%s: not published on /metrics: %s", worker.slot, exc)
     server.log.info("worker slot=%s pid=%s cpus=%s slice_ns=%s", worker.slot, os.getpid(), cpus,
                     slice_ns)
 

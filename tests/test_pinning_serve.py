@@ -101,3 +101,26 @@ def test_metrics_show_where_every_worker_runs(start_server):
         assert 'slot="' in line and line.endswith(" 1.0")
         if sched.kernel_version() >= sched.SLICE_KERNEL:
             assert 'slice_ns="10000000"' in line
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 allowed CPUs")
+def test_reload_keeps_one_worker_per_cpu_and_respawns_in_place(start_server):
+    """SIGHUP forks new workers before the old ones stop; slots shift, CPUs stay covered."""
+    server = start_server("--workers", "2", "--pin", *APP)
+    old = wait_for_workers(server, 2)
+    os.kill(server.master_pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        new = [p for p in server.worker_pids() if p not in old]
+        if len(new) == 2 and len(server.worker_pids()) == 2 and \
+                all(f"pid={p} " in server.log() for p in new):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(server.log())
+    cpus = {pid: affinity(pid) for pid in new}
+    assert all(len(c) == 1 for c in cpus.values())
+    assert sorted(min(c) for c in cpus.values()) == sorted(ALLOWED)[:2]  # one on each CPU
+    os.kill(new[1], signal.SIGKILL)
+    replacement, = [p for p in wait_for_workers(server, 2, exclude=[new[1]]) if p != new[0]]
+    assert affinity(replacement) == cpus[new[1]]
