@@ -99,3 +99,24 @@ def test_one_worker_serves_every_connection(start_server):
     finally:
         pool.close()
     assert spread == Counter({pid: 8})
+
+
+def test_new_connections_never_wait_for_a_turn(start_server):
+    """Connections opened one by one (kept open) alternate between workers; none waits long for
+    the worker whose turn it is to notice (it re-reads the board every RECHECK_S)."""
+    server = start_server("--workers", "2", *APP)
+    pids = up(server, 2)
+    held, waits, owners = [], [], []
+    try:
+        for _ in range(12):
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            conn.request("GET", "/")
+            owners.append(int(conn.getresponse().read()))
+            waits.append(time.perf_counter() - started)
+            held.append(conn)
+    finally:
+        for conn in held:
+            conn.close()
+    assert Counter(owners) == Counter({pids[0]: 6, pids[1]: 6})
+    assert max(waits) < 0.25, waits
