@@ -47,7 +47,8 @@ def _locust(url: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_locust_open_loop_passes_the_sla_and_writes_csv(hello, tmp_path):
-    proc = _locust(hello.url, tmp_path, "--sla-p99-ms", "50")
+    # a generous SLA: this checks the mechanism, not this (shared, noisy) machine's tail
+    proc = _locust(hello.url, tmp_path, "--sla-p99-ms", "1000")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SLA check passed" in proc.stderr
     with open(tmp_path / "run_latency.csv") as f:
@@ -63,13 +64,23 @@ def test_locust_exits_non_zero_when_the_sla_is_missed(hello, tmp_path):
 
 
 def test_capacity_search_steps_up_while_passing(hello, tmp_path):
-    result = capacity.search(hello.url, sla_p99_ms=50, start=100, factor=2, max_steps=2,
+    result = capacity.search(hello.url, sla_p99_ms=1000, start=100, factor=2, max_steps=2,
                              step_s=1.0, warmup_s=0.0, budget_s=60, connections=8,
                              workdir=str(tmp_path))
     assert [s.offered_rps for s in result.steps] == [100, 200]
     assert all(s.passed for s in result.steps)
     assert result.rate == 200 and not result.bracketed
-    assert "capacity at p99 <= 50 ms: 200" in capacity.table(result)
+    assert "capacity at p99 <= 1000 ms: 200 requests/s (no failing step seen" \
+        in capacity.table(result)
+
+
+def test_capacity_judges_a_step_by_p99_failures_and_answered_share():
+    load = {"ok": 900, "failed": 0, "achieved_rps": 90.0, "nobid_share": 0.1,
+            "latency": {"p50_ms": 1.0, "p99_ms": 60.0, "p99_9_ms": 70.0}}
+    step = capacity._judge(100.0, load, 50.0)
+    assert not step.passed and "p99 60.0 ms > 50 ms" in step.why and "answered only 90/s" in step.why
+    load.update(achieved_rps=99.0, latency={"p50_ms": 1.0, "p99_ms": 10.0, "p99_9_ms": 20.0})
+    assert capacity._judge(100.0, load, 50.0).passed
 
 
 def test_ab_end_to_end_writes_the_report(tmp_path):
@@ -106,3 +117,27 @@ def test_bench_prints_the_ratio(tmp_path):
     doc = json.loads((tmp_path / "bench.json").read_text())
     assert doc["hello_rps"] > 0 and doc["bidder_rps"] > 0
     assert doc["ratio"] == pytest.approx(doc["bidder_rps"] / doc["hello_rps"])
+
+
+def test_locust_distributed_merges_every_workers_histogram(hello, tmp_path):
+    locust = os.path.join(os.path.dirname(sys.executable), "locust")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = str(stack.free_port())
+    workers = [subprocess.Popen([locust, "-f", "loadtests/locustfile.py", "--worker",
+                                 "--master-port", port], cwd=root, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        proc = _locust(hello.url, tmp_path, "--master", "--master-bind-port", port,
+                       "--expect-workers", "2", "--sla-p99-ms", "1000")
+    finally:
+        for w in workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "run_latency.csv") as f:
+        ours = int(next(csv.DictReader(f))["count"])
+    with open(tmp_path / "run_stats.csv") as f:
+        theirs = int(next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")["Request Count"])
+    assert ours == theirs > 100  # the last samples of both workers reached the verdict
