@@ -6,9 +6,10 @@ or from ``BIDDER_*`` environment variables when Gunicorn is run directly.
 
 Master: ``when_ready`` plans slot -> CPU once (a bad ``--cpu-map`` stops the
 start with a clear message), raises the open-files soft limit to the hard one
-and freezes the preloaded heap; ``pre_fork`` gives
-the new worker a stable slot; ``child_exit`` frees it. Worker: ``post_fork``
-pins to the slot's CPU, sets the EEVDF slice and reports where it runs.
+and freezes the preloaded heap; ``pre_fork`` gives the new worker a stable
+slot and the shared connection board; ``child_exit`` frees the slot. Worker:
+``post_fork`` pins to the slot's CPU, sets the EEVDF slice and reports where it
+runs (log line and ``bidder_worker_info`` on ``/metrics``).
 """
 from __future__ import annotations
 
@@ -54,8 +55,11 @@ def when_ready(server) -> None:
     for warning in _plan.warnings:
         server.log.warning("pinning: %s", warning)
     _slots = SlotTable(_plan.cpu_for, len(_plan.order))
-    server.log.info("pinning %s: slot i -> CPU %s[i %% %d]",
-                    "on" if settings.pin else "off", list(_plan.order), len(_plan.order))
+    if settings.pin:
+        server.log.info("pinning on: slot i -> CPU %s[i %% %d]", list(_plan.order),
+                        len(_plan.order))
+    else:
+        server.log.info("pinning off: workers keep CPUs %s", format_cpulist(os.sched_getaffinity(0)))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # one descriptor per keep-alive connection: use all the host allows
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
