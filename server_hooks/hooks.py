@@ -59,7 +59,8 @@ def when_ready(server) -> None:
         server.log.info("pinning on: slot i -> CPU %s[i %% %d]", list(_plan.order),
                         len(_plan.order))
     else:
-        server.log.info("pinning off: workers keep CPUs %s", format_cpulist(os.sched_getaffinity(0)))
+        server.log.info("pinning off: workers keep CPUs %s",
+                        format_cpulist(os.sched_getaffinity(0)))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # one descriptor per keep-alive connection: use all the host allows
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -14,7 +14,7 @@ APP = ("--app", "loadtests.balance:app")
 
 
 class Pool:
-    """N keep-alive connections, reopened when the server closes or drops them (as a client pool)."""
+    """N keep-alive connections, reopened when the server closes or drops them (a client pool)."""
 
     def __init__(self, port: int, size: int):
         self.conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=5) for _ in range(size)]

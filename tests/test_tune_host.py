@@ -116,7 +116,8 @@ def test_check_passes_once_applied(tmp_path):
     tune.apply(host, tmp_path / "s.json", io.StringIO())
     out = io.StringIO()
     code = tune.check(host, out)
-    lines = [line for line in out.getvalue().splitlines() if line.startswith(("sched", "net", "fs"))]
+    lines = [line for line in out.getvalue().splitlines()
+             if line.startswith(("sched", "net", "fs"))]
     assert all(line.rstrip().endswith("ok") for line in lines), out.getvalue()
     # only the per-process nofile hard limit (not a host file) can still differ
     assert code == (0 if tune.read(host, tune.knobs(host.version)[-1]).ok else 1)
