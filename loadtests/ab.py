@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             address = args.memcached
         else:
             memcached = EmbeddedMemcached().start()
+            placement.confine_helper(memcached.process.pid)
             address = memcached.address
             stack.log(f"embedded memcached on {address}; seeding {args.users} users")
             stack.seed_users(address, args.users)

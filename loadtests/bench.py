@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     cap = None
     with EmbeddedMemcached() as memcached:
+        placement.confine_helper(memcached.process.pid)
         stack.log(f"embedded memcached on {memcached.address}; seeding {args.users} users")
         stack.seed_users(memcached.address, args.users)
         for app in interleaved_order(["hello", "bidder"], args.reps, args.seed):

@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         result = search(args.url, **params)
     else:
         with EmbeddedMemcached() as memcached:
+            placement.confine_helper(memcached.process.pid)
             stack.log(f"embedded memcached on {memcached.address}; seeding {args.users} users")
             stack.seed_users(memcached.address, args.users)
             with stack.Server(shlex.split(args.serve), memcached.address, out,

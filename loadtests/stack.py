@@ -55,8 +55,10 @@ class Placement:
                    f"server on CPUs {_cpulist(server)}; load generator and memcached on "
                    f"{_cpulist(gen)} (taskset)")
 
-    def prefix(self, cpus: str | None) -> list[str]:
-        return ["taskset", "-c", cpus] if cpus else []
+    def confine_helper(self, pid: int) -> None:
+        """Keep a helper process (memcached) on the load generator's CPUs, off the server's."""
+        if self.generator_cpus:
+            os.sched_setaffinity(pid, {int(c) for c in self.generator_cpus.split(",")})
 
 
 def _cpulist(cpus: list[int]) -> str:
