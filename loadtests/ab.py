@@ -22,7 +22,7 @@ from typing import Any
 
 from bidder import settings as settings_mod
 from bidder.memcached_proc import EmbeddedMemcached
-from loadtests import openloop, perf, report, stack, stats
+from loadtests import openloop, perf, report, stack, stats, traffic
 
 # The per-run metrics compared between arms (lower is better for all but rps).
 PER_REQUEST = ("cpu_us_per_request", "migrations_per_request", "context_switches_per_request",
@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings_mod.add_arguments(parser, "ab")
 
 
+@stack.reports_errors("ab")
 def run(args: argparse.Namespace) -> int:
+    traffic.Mix.parse(args.mix)  # a bad --mix fails now, not after starting servers
     if args.reps < 1 or args.duration <= 0 or args.rate <= 0:
         raise SystemExit("bidder ab: --reps, --duration and --rate must be positive")
     arms = _arms(args)

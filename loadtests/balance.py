@@ -208,6 +208,33 @@ def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
             "rate": round(sum(load["status"].values()) / args.seconds, 1)}
 
 
+def plot(report: dict[str, object], args: argparse.Namespace, path: Path) -> None:
+    """One dot per fresh start: least over most busy worker's CPU time, per worker class."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for x, (worker_class, result) in enumerate(report.items()):
+        ratios = [s["ratio"] for s in result["starts"]]
+        ax.scatter([x + (i - len(ratios) / 2) * 0.02 for i in range(len(ratios))], ratios,
+                   s=18, alpha=0.8)
+    ax.axhline(THRESHOLD, color="red", linestyle="--", linewidth=1)
+    ax.text(len(report) - 0.5, THRESHOLD + 0.02, f"target >= {THRESHOLD}", color="red",
+            ha="right", fontsize=8)
+    ax.set_xticks(range(len(report)), [c.rsplit(".", 1)[-1] for c in report])
+    ax.set_xlim(-0.5, len(report) - 0.5)
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_ylabel("least / most busy worker CPU time")
+    ax.set_title(f"{args.workers} workers, {args.connections} keep-alive connections, "
+                 f"{'pinned' if args.pin else 'unpinned'}, {len(next(iter(report.values()))['starts'])} "
+                 "fresh starts", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
 def measure(args: argparse.Namespace) -> int:
     classes = args.worker_class or [BALANCED, "gthread"]
     report: dict[str, object] = {}
@@ -232,6 +259,8 @@ def measure(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(
             {"workers": args.workers, "connections": args.connections, "seconds": args.seconds,
              "pin": args.pin, "results": report}, indent=2))
+    if args.plot:
+        plot(report, args, Path(args.plot))
     balanced = report.get(BALANCED)
     return 1 if balanced and balanced["min_ratio"] < THRESHOLD else 0
 
@@ -254,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bid", action="store_true",
                         help="serve the real bid app (bundled model, no feature store) and POST "
                              "OpenRTB requests instead of the pid-echo app")
+    parser.add_argument("--plot", help="write a PNG of every start's ratio here")
     parser.add_argument("--json", help="write every start's numbers here")
     args = parser.parse_args(argv)
     return measure(args)

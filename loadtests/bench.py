@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from bidder.memcached_proc import EmbeddedMemcached
-from loadtests import capacity, openloop, stack, stats
+from loadtests import capacity, openloop, stack, stats, traffic
 from loadtests.ab import interleaved_order
 
 HELLO_APP = "loadtests.hello_app:app"
@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-report", help="Directory for bench.json and logs.")
 
 
+@stack.reports_errors("bench")
 def run(args: argparse.Namespace) -> int:
+    traffic.Mix.parse(args.mix)  # a bad --mix fails now, not after starting servers
     out = stack.workdir(args.out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bidder.memcached_proc import EmbeddedMemcached
-from loadtests import openloop, stack
+from loadtests import openloop, stack, traffic
 
 ACHIEVED_SHARE = 0.95  # a step passes only if this share of the offered rate was answered
 REFINE_TO = 0.05  # stop bisecting once the bracket is within 5 %
@@ -164,7 +164,9 @@ def plot(result: Capacity, path: str) -> None:
     plt.close(fig)
 
 
+@stack.reports_errors("capacity")
 def run(args: argparse.Namespace) -> int:
+    traffic.Mix.parse(args.mix)  # a bad --mix fails now, not after starting servers
     out = stack.workdir(args.out)
     placement = stack.Placement.plan()
     stack.log(f"placement: {placement.note}")

@@ -212,8 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from gevent import monkey
     monkey.patch_all()
-    args = build_parser().parse_args(argv)
-    mix = traffic.Mix.parse(f"users={args.users}," + args.mix)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        mix = traffic.Mix.parse(f"users={args.users}," + args.mix)
+    except ValueError as exc:
+        parser.error(str(exc))
     requests = traffic.generate(args.requests, mix, args.seed)
     result = generate_load(args.url, requests, args.duration, args.rate, args.connections,
                            args.warmup, args.timeout).as_dict()

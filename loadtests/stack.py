@@ -9,6 +9,7 @@ that is impossible it says so (``Placement.note``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import signal
@@ -18,8 +19,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bidder.memcached_proc import free_port
 
@@ -30,6 +33,22 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 def log(message: str) -> None:
     """One progress line on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def reports_errors(command: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Turn a harness failure (a server that would not start, a generator that failed, a bad
+    --mix) into one message and exit status 1 instead of a traceback."""
+    def wrap(run: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(run)
+        def wrapper(*args: Any, **kwargs: Any) -> int:
+            try:
+                return run(*args, **kwargs)
+            except (RuntimeError, TimeoutError, OSError, ValueError,
+                    subprocess.TimeoutExpired) as exc:
+                print(f"bidder {command}: {exc}", file=sys.stderr)
+                return 1
+        return wrapper
+    return wrap
 
 
 @dataclass(frozen=True)
