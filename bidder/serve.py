@@ -47,6 +47,7 @@ def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
         "loglevel": s.log_level,
         "accesslog": "-" if s.access_log else None,
         "proc_name": "bidder",
+        "control_socket_disable": True,  # one fixed path per user: concurrent servers would collide
         "when_ready": hooks.when_ready,
         "pre_fork": hooks.pre_fork,
         "post_fork": hooks.post_fork,
