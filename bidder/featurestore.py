@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zlib
 
 import msgspec
 from pymemcache.client.hash import HashClient
+from pymemcache.client.rendezvous import RendezvousHash
 
 from bidder import metrics
 
@@ -55,6 +57,14 @@ class UserFeaturesSerde:
             return None
 
 
+class Crc32Rendezvous(RendezvousHash):
+    """HashClient's rendezvous hashing with zlib's C crc32 instead of pure-Python murmur3,
+    which cost ~5 % of a worker's CPU per look-up key (measured with py-spy)."""
+
+    def __init__(self) -> None:
+        super().__init__(hash_function=lambda text, seed: zlib.crc32(text.encode()))
+
+
 def user_key(user_id: str) -> str:
     """The memcached key of a user id; ids that are not safe keys are hashed."""
     if len(user_id) <= MAX_PLAIN_ID and user_id.isascii() and user_id.isprintable() \
@@ -91,7 +101,7 @@ class FeatureStore:
         self.retry_s = retry_ms / 1000.0
         self.last_error: str | None = None
         self.client = HashClient(
-            servers, serde=UserFeaturesSerde(), connect_timeout=connect_timeout_ms / 1000.0,
+            servers, hasher=Crc32Rendezvous, serde=UserFeaturesSerde(), connect_timeout=connect_timeout_ms / 1000.0,
             timeout=timeout_ms / 1000.0, no_delay=True, retry_attempts=0,
             dead_timeout=self.retry_s, ignore_exc=False, default_noreply=False,
         ) if servers else None

@@ -8,7 +8,8 @@ import time
 from pymemcache.client.hash import HashClient
 
 from bidder import world
-from bidder.featurestore import UserFeatures, UserFeaturesSerde, parse_servers, user_key
+from bidder.featurestore import (Crc32Rendezvous, UserFeatures, UserFeaturesSerde, parse_servers,
+                                 user_key)
 
 BATCH = 1000
 
@@ -22,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def seed_users(address: str, n: int, ttl: int = 0, progress: bool = True) -> int:
     """Write users ``world.user_id(0..n-1)`` with their segments; return how many were stored."""
-    client = HashClient(parse_servers(address), serde=UserFeaturesSerde(), connect_timeout=2,
-                        timeout=5, retry_attempts=2, retry_timeout=0.2)
+    client = HashClient(parse_servers(address), hasher=Crc32Rendezvous, serde=UserFeaturesSerde(),
+                        connect_timeout=2, timeout=5, retry_attempts=2, retry_timeout=0.2)
     stored = 0
     started = time.monotonic()
     try:

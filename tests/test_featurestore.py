@@ -1,0 +1,76 @@
+"""The feature store against real memcached servers: serde, keys, sharding, counters, faults."""
+from __future__ import annotations
+
+from bidder import world
+from bidder.featurestore import FeatureStore, UserFeatures, frequency_key, parse_servers, user_key
+from bidder.memcached_proc import EmbeddedMemcached
+from bidder.seed import seed_users
+
+import pytest
+
+
+def store_for(address: str, timeout_ms: float = 200.0) -> FeatureStore:
+    return FeatureStore(parse_servers(address), 200.0, timeout_ms, 500.0)
+
+
+def test_two_servers_shard_users_the_same_way_as_the_seeder():
+    with EmbeddedMemcached(memory_mb=16) as a, EmbeddedMemcached(memory_mb=16) as b:
+        both = f"{a.address},{b.address}"
+        assert seed_users(both, 400, progress=False) == 400
+        store = store_for(both)
+        for n in range(0, 400, 7):
+            features, counters = store.lookup([user_key(world.user_id(n))], [], 1.0)
+            assert features.segments == list(world.user_segments(n)), n
+            assert counters == {}
+        # both servers hold a share of the users
+        for server in (a, b):
+            single = store_for(server.address)
+            hits = sum(single.lookup([user_key(world.user_id(n))], [], 1.0)[0].segments != []
+                       for n in range(200))
+            assert 20 < hits < 180
+
+
+def test_first_known_id_wins_and_missing_users_get_defaults(memcached):
+    store = store_for(memcached.address)
+    known = user_key(world.user_id(5))
+    features, _ = store.lookup([user_key("nobody"), known], [], 1.0)
+    assert features.segments == list(world.user_segments(5))
+    features, counters = store.lookup([user_key("nobody")], [], 1.0)
+    assert features == UserFeatures() and counters == {}
+
+
+def test_unsafe_ids_are_hashed_into_valid_keys(memcached):
+    store = store_for(memcached.address)
+    for raw in ("with space", "ü-unicode", "x" * 400, "ctrl\x01char"):
+        key = user_key(raw)
+        assert len(key) < 250 and key.isascii() and " " not in key
+        store.client.set(key, UserFeatures([1, 2]))
+        assert store.lookup([key], [], 1.0)[0].segments == [1, 2]
+
+
+def test_frequency_counters_count_and_read_back(memcached):
+    store = store_for(memcached.address)
+    key = frequency_key("c1", user_key("freq-counter-user"))
+    _, counters = store.lookup([user_key("freq-counter-user")], [key], 1.0)
+    assert counters == {}
+    for _ in range(3):
+        store.count_impression(key, window_s=60)
+    _, counters = store.lookup([user_key("freq-counter-user")], [key], 1.0)
+    assert counters == {key: 3}
+
+
+def test_down_server_and_too_little_time_give_unknown_counters():
+    mc = EmbeddedMemcached(memory_mb=16).start()
+    store = store_for(mc.address)
+    assert store.lookup([user_key("u")], ["f:c:x"], 1.0)[1] == {}
+    assert store.lookup([user_key("u")], ["f:c:x"], 0.0001)[1] is None  # no time to ask
+    mc.stop()
+    features, counters = store.lookup([user_key("u")], ["f:c:x"], 1.0)
+    assert features == UserFeatures() and counters is None
+    assert store.status()["ok"] is False and store.status()["last_error"]
+
+
+@pytest.mark.parametrize("spec", ["localhost", "a:b", ":11211"])
+def test_bad_server_addresses_are_refused_with_the_expected_form(spec):
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_servers(spec)
