@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="Measured seconds per run.")
     parser.add_argument("--reps", type=int, default=3, help="Runs per arm.")
     parser.add_argument("--rate", type=float, default=200.0, help="Offered open-loop requests/s.")
-    parser.add_argument("--warmup", type=float, default=2.0, help="Unmeasured seconds per run first.")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="Unmeasured seconds per run first.")
     parser.add_argument("--connections", type=int, default=32,
                         help="Keep-alive connections of the load generator.")
     parser.add_argument("--out", default="ab-report", help="Directory for the report files.")
@@ -46,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default arms, else the options).")
     parser.add_argument("--b-name", default=None, help="Name of arm B.")
     parser.add_argument("--users", type=int, default=10_000, help="Users to seed.")
-    parser.add_argument("--mix", default="", help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the run order and the traffic.")
+    parser.add_argument("--mix", default="",
+                        help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the run order and the traffic.")
     parser.add_argument("--alpha", type=float, default=0.05, help="Significance level.")
     settings_mod.add_arguments(parser, "ab")
 
@@ -85,8 +88,11 @@ def run(args: argparse.Namespace) -> int:
             result.update(arm=name, index=i)
             runs.append(result)
             stack.log(f"  {name}: {result['requests']} answers, {result['rps']:.0f}/s, "
-                      f"p99 {result['p99_ms']:.2f} ms, cpu {result['cpu_us_per_request']:.0f} us/req, "
-                      f"migrations {result['migrations_per_request']:.3f}/req, failed {result['failed']}")
+                      f"p99 {result['p99_ms']:.2f} ms, "
+                      f"cpu {result['cpu_us_per_request']:.0f} us/req, "
+                      f"migrations {result['migrations_per_request']:.3f}/req, "
+                      f"failed {result['failed']}, "
+                      f"other load {result['other_cpus_busy']:.2f} CPUs")
     finally:
         if memcached is not None:
             memcached.stop()
@@ -107,7 +113,7 @@ def _arms(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
-    """The server settings given to ``bidder ab`` itself, as ``bidder serve`` flags for both arms."""
+    """Server settings given to ``bidder ab`` itself, as ``bidder serve`` flags for both arms."""
     out: list[str] = []
     for s in settings_mod.SETTINGS:
         value = getattr(args, s.name, None)
@@ -146,12 +152,14 @@ def run_once(serve_args: list[str], memcached: str, out: str, placement: stack.P
         workers = server.workers()
         counter = perf.PerfStat(workers) if use_perf else None
         before = stack.read_counters(workers)
+        busy0, steal0 = stack.system_cpu()
         t0 = time.monotonic()
         load = openloop.run_process(openloop.command(server.url, args.duration, args.rate,
                                                      out=gen_out, **gen), gen_out,
                                     args.duration + 60)
         wall = time.monotonic() - t0
         delta = stack.read_counters(workers) - before
+        busy1, steal1 = stack.system_cpu()
         hw = counter.stop() if counter else {}
         restarted = sorted(set(server.workers()) - set(workers))
     n = max(1, load["ok"])
@@ -167,6 +175,9 @@ def run_once(serve_args: list[str], memcached: str, out: str, placement: stack.P
         "voluntary_cs_per_request": delta.voluntary / n,
         "involuntary_cs_per_request": delta.involuntary / n,
         "worker_cpu_utilisation": delta.cpu_s / wall if wall else 0.0,
+        # CPUs' worth of everything else on the machine (neighbours, memcached, master, ...)
+        "other_cpus_busy": max(0.0, (busy1 - busy0) - delta.cpu_s - load["generator_cpu_s"]) / wall,
+        "steal_cpus": (steal1 - steal0) / wall,
         "workers": len(workers), "workers_restarted": restarted,
         "statuses": load["statuses"], "errors": load["errors"], "histogram": load["histogram"],
     }
@@ -192,6 +203,8 @@ def build_report(runs: list[dict[str, Any]], arms: dict[str, list[str]], common:
             "p50_ms": summary["p50_ms"], "p90_ms": summary["p90_ms"], "p99_ms": summary["p99_ms"],
             "p99_9_ms": summary["p99_9_ms"], "max_ms": summary["max_ms"],
             "nobid_share": stats.mean([r["nobid_share"] for r in reps]),
+            "other_cpus_busy": stats.mean([r["other_cpus_busy"] for r in reps]),
+            "steal_cpus": stats.mean([r["steal_cpus"] for r in reps]),
         }
         for metric in PER_REQUEST:
             values = [r[metric] for r in reps if metric in r]

@@ -32,14 +32,18 @@ SATURATED = 0.9  # generator CPU share of one core above which it is the bottlen
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=8.0, help="Measured s per closed-loop run.")
+    parser.add_argument("--duration", type=float, default=8.0,
+                        help="Measured s per closed-loop run.")
     parser.add_argument("--warmup", type=float, default=2.0, help="Unmeasured s before each run.")
     parser.add_argument("--connections", type=int, default=32, help="Keep-alive connections.")
-    parser.add_argument("--reps", type=int, default=2, help="Closed-loop runs per app (interleaved).")
+    parser.add_argument("--reps", type=int, default=2,
+                        help="Closed-loop runs per app (interleaved).")
     parser.add_argument("--serve", default="", help="bidder serve options, the same for both apps.")
     parser.add_argument("--users", type=int, default=10_000, help="Users to seed.")
-    parser.add_argument("--mix", default="", help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
-    parser.add_argument("--sla-p99-ms", type=float, default=50.0, help="p99 SLA of the capacity search.")
+    parser.add_argument("--mix", default="",
+                        help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
+    parser.add_argument("--sla-p99-ms", type=float, default=50.0,
+                        help="p99 SLA of the capacity search.")
     parser.add_argument("--capacity-budget", type=float, default=60.0,
                         help="Seconds for the capacity search (0 skips it).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the run order.")
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             runs.append(result)
             stack.log(f"{app}: {result['rps']:.0f} requests/s (p50 {result['p50_ms']:.2f} ms, "
                       f"p99 {result['p99_ms']:.2f} ms), {result['cpu_us_per_request']:.0f} us CPU/"
-                      f"request, workers busy {result['server_cpus_busy']:.2f} CPUs, generator {result['generator_utilisation']:.0%} of a core, "
+                      f"request, workers busy {result['server_cpus_busy']:.2f} CPUs, "
+                      f"generator {result['generator_utilisation']:.0%} of a core, "
                       f"failed {result['failed']}")
         if args.capacity_budget > 0:
             bidder_rps = stats.mean([r["rps"] for r in runs if r["app"] == "bidder"])

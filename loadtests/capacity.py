@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="A running server; default: start memcached, users and bidder serve.")
     parser.add_argument("--serve", default="", help="bidder serve options when starting one.")
     parser.add_argument("--sla-p99-ms", type=float, default=50.0, help="p99 latency SLA, ms.")
-    parser.add_argument("--start", type=float, default=100.0, help="First offered rate, requests/s.")
+    parser.add_argument("--start", type=float, default=100.0,
+                        help="First offered rate, requests/s.")
     parser.add_argument("--factor", type=float, default=1.5, help="Rate multiplier while passing.")
     parser.add_argument("--max-steps", type=int, default=10, help="At most this many steps.")
     parser.add_argument("--step-duration", type=float, default=5.0, help="Measured s per step.")
@@ -66,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "this many seconds.")
     parser.add_argument("--connections", type=int, default=64, help="Keep-alive connections.")
     parser.add_argument("--users", type=int, default=10_000, help="Users to seed / to address.")
-    parser.add_argument("--mix", default="", help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
+    parser.add_argument("--mix", default="",
+                        help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
     parser.add_argument("--out", default="capacity-report", help="Directory for capacity.json/png.")
 
 
@@ -130,7 +132,8 @@ def table(result: Capacity) -> str:
                      f"{s.p99_ms:>8.2f} {s.p99_9_ms:>9.2f} {s.failed:>6} {s.nobid_share:>7.1%}  "
                      + ("pass" if s.passed else "FAIL: " + s.why))
     bound = "" if result.bracketed else " (no failing step seen: the true capacity may be higher)"
-    lines.append(f"capacity at p99 <= {result.sla_p99_ms:g} ms: {result.rate:.0f} requests/s{bound}")
+    lines.append(f"capacity at p99 <= {result.sla_p99_ms:g} ms: "
+                 f"{result.rate:.0f} requests/s{bound}")
     return "\n".join(lines)
 
 

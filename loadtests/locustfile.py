@@ -73,13 +73,15 @@ _REQUESTS: list[traffic.BidRequest] = []
 def _arguments(parser) -> None:
     group = parser.add_argument_group("bidder load test")
     group.add_argument("--mode", choices=("open", "closed"), default="open",
-                       help="open: fixed-rate sends, latency from intended time; closed: back to back.")
+                       help="open: fixed-rate sends, latency from the intended time; "
+                            "closed: back to back.")
     group.add_argument("--rate", type=float, default=200.0,
                        help="Open loop: total requests per second over all users and workers.")
     group.add_argument("--sla-p99-ms", type=float, default=50.0,
                        help="Exit non-zero when p99 latency exceeds this many ms.")
     group.add_argument("--mix", default="",
-                       help="Traffic mix NAME=VALUE,... (see loadtests.traffic.Mix), e.g. app=0.5,gzip=0.2.")
+                       help="Traffic mix NAME=VALUE,... (see loadtests.traffic.Mix), "
+                            "e.g. app=0.5,gzip=0.2.")
     group.add_argument("--seeded-users", type=int, default=10_000,
                        help="Users seeded in memcached (user ids world.user_id(0..N-1)).")
     group.add_argument("--traffic-seed", type=int, default=0, help="Seed of the generated traffic.")
@@ -180,7 +182,8 @@ def _format(r: dict[str, Any]) -> str:
             f"achieved {r['achieved_rps']:.1f}/s\n"
             f"  p50 {r['p50_ms']:.2f} ms  p90 {r['p90_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
             f"p99.9 {r['p99_9_ms']:.2f} ms  max {r['max_ms']:.2f} ms\n"
-            f"  no-bid share {r['nobid_share']:.1%}  failed {r['failed']}  statuses {r['statuses']}")
+            f"  no-bid share {r['nobid_share']:.1%}  failed {r['failed']}  "
+            f"statuses {r['statuses']}")
 
 
 def _requests(environment: Environment) -> list[traffic.BidRequest]:
@@ -200,7 +203,8 @@ class Bidder(FastHttpUser):
         self.index = random.randrange(len(self.requests))
         self.open = opts.mode == "open"
         if self.open:
-            users = getattr(opts, "open_loop_users", None) or self.environment.runner.target_user_count
+            users = (getattr(opts, "open_loop_users", None)
+                     or self.environment.runner.target_user_count)
             self.interval = max(1, users) / opts.rate
             self.next_due = time.perf_counter() + random.uniform(0, self.interval)
 

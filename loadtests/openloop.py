@@ -193,7 +193,8 @@ def run_process(argv: list[str], out: str, timeout_s: float) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtests.openloop", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.openloop",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="Server base URL, e.g. http://127.0.0.1:8080.")
     p.add_argument("--rate", type=float, default=None,
                    help="Open loop: requests per second. Absent: closed loop.")

@@ -24,14 +24,16 @@ def probe() -> Availability:
     """Whether ``perf stat -e cycles,instructions,cache-misses`` counts anything here."""
     binary = shutil.which("perf")
     if binary is None:
-        return Availability(False, "perf is not installed (apt-get install linux-perf / linux-tools)")
+        return Availability(False, "perf is not installed "
+                                   "(apt-get install linux-perf / linux-tools)")
     try:
         proc = subprocess.run([binary, "stat", "-x", ",", "-e", ",".join(EVENTS), "true"],
                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Availability(False, f"perf stat failed to run: {exc}")
     if proc.returncode != 0:
-        return Availability(False, f"perf stat exited {proc.returncode}: {proc.stderr.strip()[-200:]}")
+        return Availability(False, f"perf stat exited {proc.returncode}: "
+                                   f"{proc.stderr.strip()[-200:]}")
     counts = _parse(proc.stderr)
     if not counts:
         return Availability(False, "perf stat runs but the hardware counters are <not supported> "

@@ -103,6 +103,10 @@ def markdown(doc: dict[str, Any]) -> str:
               f"- perf: {machine['perf']}",
               f"- load generator: {cfg['load_generator']}",
               f"- failed requests: {a} {doc['arms'][a]['failed']}, {b} {doc['arms'][b]['failed']}",
+              f"- other load during the runs (CPUs busy outside the server's workers and the load "
+              f"generator, mean per run): {a} {doc['arms'][a]['other_cpus_busy']:.2f}, "
+              f"{b} {doc['arms'][b]['other_cpus_busy']:.2f}; VM steal {a} "
+              f"{doc['arms'][a]['steal_cpus']:.2f}, {b} {doc['arms'][b]['steal_cpus']:.2f} CPUs",
               "", "![latency CDFs and per-run metrics](report.png)", ""]
     return "\n".join(lines)
 

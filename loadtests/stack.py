@@ -65,8 +65,8 @@ class Placement:
         cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
         if len(cpus) < MIN_CPUS_TO_SEPARATE:
             return cls(None, None, False,
-                       f"only {len(cpus)} CPUs: the load generator and memcached share the server's "
-                       "CPUs, so the numbers are not representative of a many-core server "
+                       f"only {len(cpus)} CPUs: the load generator and memcached share the "
+                       "server's CPUs, so the numbers are not representative of a many-core server "
                        "(on a pinned arm the generator competes with the pinned workers)")
         n_gen = max(1, len(cpus) // 4)
         gen, server = cpus[-n_gen:], cpus[:-n_gen]
@@ -126,6 +126,16 @@ def read_counters(pids: list[int]) -> ProcCounters:
         except (FileNotFoundError, ProcessLookupError):
             continue  # a worker that exited: its counters are gone
     return ProcCounters(cpu, migrations, voluntary, involuntary)
+
+
+def system_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of the whole machine so far, from the first line of /proc/stat.
+
+    Busy minus what the server and the generator used is the noise other processes made.
+    """
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK, steal / _CLK_TCK
 
 
 def children(pid: int) -> list[int]:

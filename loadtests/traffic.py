@@ -25,10 +25,14 @@ OPENRTB_VERSION = "2.6"
 # Floors are drawn in USD and converted, so a floor means about the same whatever its currency.
 USD_PER_UNIT = {"USD": 1.0, "EUR": 1.08, "JPY": 0.0067}
 _UAS = {
-    "iOS": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148",
-    "Android": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/124.0 Mobile Safari/537.36",
-    "Windows": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36",
-    "macOS": "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 Version/17.4 Safari/605.1.15",
+    "iOS": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+           "Mobile/15E148",
+    "Android": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/124.0 "
+               "Mobile Safari/537.36",
+    "Windows": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 "
+               "Safari/537.36",
+    "macOS": "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 Version/17.4 "
+             "Safari/605.1.15",
     "Linux": "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
     "other": "Mozilla/5.0 (compatible; ExampleTV/1.0)",
 }
@@ -203,7 +207,7 @@ def generate(n: int, mix: Mix | None = None, seed: int = 0) -> list[BidRequest]:
 
 
 def demo_requests(n: int, users: int = 10_000, seed: int = 0) -> list[tuple[bytes, dict[str, str]]]:
-    """``n`` (body, headers) pairs of the default mix for ``bidder demo``; ``users`` = seeded users."""
+    """``n`` (body, headers) pairs of the default mix for ``bidder demo``; ``users`` seeded."""
     return [(r.body, r.headers) for r in generate(n, Mix(users=users), seed)]
 
 
