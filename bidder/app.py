@@ -36,19 +36,37 @@ JSON_TYPES = ("application/json", "text/json", "text/plain")  # text/plain: some
 
 
 class ProcessState:
-    """Per-process resources, (re)opened in each worker after fork."""
+    """Per-process resources, opened on first use in the process that uses them.
+
+    The master only checks that they can be opened: an SQLite connection or a
+    memcached socket must not cross a fork.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.servers = parse_servers(settings.memcached)
-        self._open()
-        os.register_at_fork(after_in_child=self._open)
+        Ledger(settings.ledger).close()  # fail at start, not on the first billing notice
+        self._store: FeatureStore | None = None
+        self._ledger: Ledger | None = None
+        os.register_at_fork(after_in_child=self._forget)
 
-    def _open(self) -> None:
-        s = self.settings
-        self.store = FeatureStore(self.servers, s.memcached_connect_timeout_ms,
-                                  s.memcached_timeout_ms, s.memcached_retry_ms)
-        self.ledger = Ledger(s.ledger)
+    def _forget(self) -> None:
+        self._store = None
+        self._ledger = None
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            s = self.settings
+            self._store = FeatureStore(self.servers, s.memcached_connect_timeout_ms,
+                                       s.memcached_timeout_ms, s.memcached_retry_ms)
+        return self._store
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger(self.settings.ledger)
+        return self._ledger
 
 
 class BidResource:
