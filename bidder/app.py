@@ -7,7 +7,6 @@ opened per process after fork.
 """
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import sqlite3
@@ -33,6 +32,10 @@ log = logging.getLogger("bidder.app")
 
 OPENRTB_VERSION = "2.6"
 JSON_TYPES = ("application/json", "text/json", "text/plain")  # text/plain: some exchanges' SDKs
+# gzip with a 2 KiB window and small state: a BidResponse is a few KiB at most, and the
+# default 32 KiB window cost 38 us a response in setting up, against 7 us.
+GZIP_WBITS = 16 + 11
+GZIP_MEMLEVEL = 4
 
 
 class ProcessState:
@@ -113,7 +116,8 @@ class BidResource:
         payload = encode_response(outcome)
         resp.content_type = falcon.MEDIA_JSON
         if "gzip" in (req.get_header("Accept-Encoding") or ""):
-            payload = gzip.compress(payload, compresslevel=1, mtime=0)
+            deflate = zlib.compressobj(1, zlib.DEFLATED, GZIP_WBITS, GZIP_MEMLEVEL)
+            payload = deflate.compress(payload) + deflate.flush()
             resp.set_header("Content-Encoding", "gzip")
             resp.set_header("Vary", "Accept-Encoding")
         resp.data = payload

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bidder.catalog import Catalog
+from bidder.catalog import Bits, Catalog
 from bidder.currency import Rates
 from bidder.featurestore import FeatureStore, frequency_key, user_key
 from bidder.ledger import Ledger
 from bidder.notices import NoticeSigner
-from bidder.openrtb import Bid, BidRequest, BidResponse, Imp, SeatBid
+from bidder.openrtb import Bid, BidRequest, BidResponse, Deal, Imp, SeatBid
 from bidder.world import inventory_key
 from models import features as F
 
@@ -40,8 +40,7 @@ class Auction:
         self.rates = rates
         self.signer = signer
         self._cand_features: dict[int, np.ndarray] = {}
-        self._size_code = catalog.cand_w * 100_000 + catalog.cand_h
-        self._exhausted = np.zeros(len(catalog.campaigns), dtype=bool)
+        self._exhausted: Bits = 0
         self._spend_checked = 0.0
         self._capped = [(i, catalog.campaigns[i]) for i in catalog.capped]
         self._has_budgets = any(b is not None for b in catalog.budget_micros)
@@ -63,51 +62,45 @@ class Auction:
         self._spend_checked = now
         spend = ledger.spend()
         cat = self.catalog
-        self._exhausted = np.array(
-            [b is not None and spend.get(c.id, 0) >= b
-             for c, b in zip(cat.campaigns, cat.budget_micros)], dtype=bool)
+        self._exhausted = sum(1 << i for i, (c, b) in enumerate(zip(cat.campaigns, cat.budget_micros))
+                              if b is not None and spend.get(c.id, 0) >= b)
 
     def response_currency(self, request: BidRequest) -> str | None:
         if not request.cur or "USD" in request.cur:
             return "USD"
         return next((c for c in request.cur if self.rates.knows(c)), None)
 
-    def eligible_campaigns(self, r: BidRequest) -> np.ndarray | NoBid:
-        """Campaign mask after targeting, blocks, seats and budgets; NoBid naming the first
+    def eligible_campaigns(self, r: BidRequest) -> Bits | NoBid:
+        """Campaigns left after targeting, blocks, seats and budgets; NoBid naming the first
         filter that left nothing."""
         cat = self.catalog
         device = r.device
         geo = (device.geo if device else None) or (r.user.geo if r.user else None)
-        mask = cat.targeted(cat.by_country, cat.any_country, geo.country if geo else None).copy()
+        bits = cat.targeted(cat.by_country, cat.any_country, geo.country if geo else None)
         if device is not None:
-            mask &= cat.targeted(cat.by_devicetype, cat.any_devicetype, device.devicetype)
-            mask &= cat.targeted(cat.by_os, cat.any_os, device.os.lower() if device.os else None)
-        if not mask.any():
+            bits &= cat.targeted(cat.by_devicetype, cat.any_devicetype, device.devicetype)
+            bits &= cat.targeted(cat.by_os, cat.any_os, device.os.lower() if device.os else None)
+        if not bits:
             return NoBid("no_campaign_targets_user")
         domain = r.site.domain if r.site else (r.app.domain if r.app else None)
         bundle = r.app.bundle if r.app else None
-        mask &= cat.targeted(cat.by_domain_allow, cat.any_domain, domain)
-        mask &= ~cat.any_of(cat.by_domain_block, [domain, bundle])
-        if not mask.any():
+        bits &= cat.targeted(cat.by_domain_allow, cat.any_domain, domain)
+        bits &= ~cat.any_of(cat.by_domain_block, [domain, bundle])
+        if not bits:
             return NoBid("no_campaign_targets_inventory")
-        if r.bcat:
-            mask &= ~cat.any_of(cat.by_cat, r.bcat)
-        if r.badv:
-            mask &= ~cat.any_of(cat.by_adomain, r.badv)
-        if r.bapp:
-            mask &= ~cat.any_of(cat.by_bundle, r.bapp)
-        if not mask.any():
+        bits &= ~(cat.any_of(cat.by_cat, r.bcat) | cat.any_of(cat.by_adomain, r.badv)
+                  | cat.any_of(cat.by_bundle, r.bapp))
+        if not bits:
             return NoBid("blocked_by_request")
         if r.wseat:
-            mask &= cat.any_of(cat.by_seat, r.wseat)
-        if r.bseat:
-            mask &= ~cat.any_of(cat.by_seat, r.bseat)
-        if not mask.any():
+            bits &= cat.any_of(cat.by_seat, r.wseat)
+        bits &= ~cat.any_of(cat.by_seat, r.bseat)
+        if not bits:
             return NoBid("seat_not_allowed")
-        mask &= ~self._exhausted
-        if not mask.any():
+        bits &= ~self._exhausted
+        if not bits:
             return NoBid("budget_exhausted")
-        return mask
+        return bits
 
     def bid(self, r: BidRequest, store: FeatureStore, ledger: Ledger, model,
             deadline: float) -> BidResponse | NoBid:
@@ -116,9 +109,9 @@ class Auction:
         currency = self.response_currency(r)
         if currency is None:
             return NoBid("currency_not_supported")
-        mask = self.eligible_campaigns(r)
-        if isinstance(mask, NoBid):
-            return mask
+        campaigns = self.eligible_campaigns(r)
+        if isinstance(campaigns, NoBid):
+            return campaigns
 
         ids = [i for i in ((r.user.buyeruid, r.user.id) if r.user else ()) if i]
         if r.device is not None and r.device.ifa:
@@ -126,12 +119,13 @@ class Auction:
         keys = [user_key(i) for i in ids]
         identity = keys[0] if keys else ""
         capped = [(i, c, frequency_key(c.id, identity)) for i, c in self._capped
-                  if identity and mask[i]]
-        user, counters = store.lookup(keys, [k for _, _, k in capped], deadline - now)
+                  if campaigns >> i & 1]
+        user, counters = store.lookup(keys, [k for _, _, k in capped] if identity else [],
+                                      deadline - now)
         for i, c, key in capped:  # unknown counts (store down) never risk breaking a cap
             if counters is None or counters.get(key, 0) >= c.frequency_cap.impressions:
-                mask[i] = False
-        if not mask.any():
+                campaigns &= ~(1 << i)
+        if not campaigns:
             return NoBid("frequency_capped")
 
         shared = F.shared_indices(self.request_fields(r), user.segments, model.hash_bits)
@@ -141,7 +135,7 @@ class Auction:
         for imp in r.imp:
             if time.monotonic() >= deadline:
                 return NoBid("deadline")
-            bid = self.bid_imp(r, imp, mask, shared, features, model, currency, identity)
+            bid = self.bid_imp(r, imp, campaigns, shared, features, model, currency, identity)
             if isinstance(bid, NoBid):
                 reason = bid.reason
                 continue
@@ -168,7 +162,7 @@ class Auction:
             "hour": int((time.time() // 60 + offset_min) // 60 % 24),
         }
 
-    def bid_imp(self, r: BidRequest, imp: Imp, campaigns: np.ndarray, shared: np.ndarray,
+    def bid_imp(self, r: BidRequest, imp: Imp, campaigns: Bits, shared: np.ndarray,
                 features: np.ndarray, model, currency: str,
                 identity: str) -> tuple[str, Bid] | NoBid:
         cat = self.catalog
@@ -182,63 +176,59 @@ class Auction:
             return NoBid("no_banner_size")
         if not self.rates.knows(imp.bidfloorcur):
             return NoBid("floor_currency_unknown")
-        size_ok = self._size_code == sizes[0][0] * 100_000 + sizes[0][1]
-        for w, h in sizes[1:]:
-            size_ok |= self._size_code == w * 100_000 + h
+        size_ok = cat.size_mask(sizes)
+        if size_ok is None:
+            return NoBid("no_creative_fits")
 
-        # Floors per campaign in USD; a deal the campaign may use replaces the imp floor.
-        open_floor = self.rates.to_usd(imp.bidfloor, imp.bidfloorcur)
-        floor_usd = np.full(len(cat.campaigns), open_floor)
-        allowed = campaigns.copy()
-        deal_of: dict[int, object] = {}
+        # Deals: a campaign in one of the imp's deals bids on it, at that deal's floor.
+        deal_of: dict[int, Deal] = {}
         pmp = imp.pmp
         if pmp is not None and pmp.deals:
-            in_deal = np.zeros(len(cat.campaigns), dtype=bool)
+            in_deal: Bits = 0
             for deal in pmp.deals:
-                hit = cat.by_deal.get(deal.id)
-                if hit is None or not self.rates.knows(deal.bidfloorcur):
+                hit = cat.by_deal.get(deal.id, 0) & campaigns & ~in_deal
+                if not hit or not self.rates.knows(deal.bidfloorcur):
                     continue
-                hit = hit & campaigns
                 if deal.wseat:
                     hit &= cat.any_of(cat.by_seat, deal.wseat)
                 if deal.wadomain:
                     hit &= cat.any_of(cat.by_adomain, deal.wadomain)
-                deal_floor = self.rates.to_usd(deal.bidfloor, deal.bidfloorcur)
-                for i in np.flatnonzero(hit & ~in_deal):
-                    floor_usd[i] = deal_floor
-                    deal_of[int(i)] = deal
                 in_deal |= hit
+                for i in range(hit.bit_length()):
+                    if hit >> i & 1:
+                        deal_of[i] = deal
             if pmp.private_auction:
-                allowed &= in_deal
-                if not allowed.any():
+                campaigns &= in_deal
+                if not campaigns:
                     return NoBid("no_deal_in_private_auction")
-        eligible = np.flatnonzero(allowed[cat.cand_campaign] & size_ok)
+        eligible = np.flatnonzero(cat.candidate_mask(campaigns) & size_ok)
         if eligible.size == 0:
             return NoBid("no_creative_fits")
 
+        open_floor = self.rates.to_usd(imp.bidfloor, imp.bidfloorcur)
+        value = model.predict_proba_shared(shared, features[eligible])
+        value *= cat.cand_value_per_mille[eligible]  # expected CPM, USD
         camp = cat.cand_campaign[eligible]
-        p_click = model.predict_proba_shared(shared, features[eligible])
-        value = p_click * cat.value_per_click_usd[camp] * 1000.0  # expected CPM, USD
-        floors = floor_usd[camp]
-        margin = np.where(value >= floors, value, -1.0)
-        best = int(np.argmax(margin))
-        if margin[best] <= 0.0:
+        if deal_of:
+            floors = np.array([self.rates.to_usd(deal_of[c].bidfloor, deal_of[c].bidfloorcur)
+                               if c in deal_of else open_floor for c in camp.tolist()])
+            value = np.where(value >= floors, value, -1.0)
+        best = int(np.argmax(value))
+        best_value = float(value[best])
+        floor_usd = float(floors[best]) if deal_of else open_floor
+        if best_value <= 0.0 or best_value < floor_usd:
             return NoBid("below_floor")
 
-        ci = int(camp[best])
         campaign, creative = cat.candidates[int(eligible[best])]
-        deal = deal_of.get(ci)
+        deal = deal_of.get(int(camp[best]))
         auction_type = deal.at if deal is not None and deal.at else r.at  # a deal's own at wins
-        price_usd = value[best] * FIRST_PRICE_SHADE if auction_type == 1 else value[best]
-        price_usd = max(price_usd, floors[best])
+        price_usd = best_value * FIRST_PRICE_SHADE if auction_type == 1 else best_value
+        price = self.rates.from_usd(max(price_usd, floor_usd), currency)
         floor_cur, floor = ((deal.bidfloorcur, deal.bidfloor) if deal is not None
                             else (imp.bidfloorcur, imp.bidfloor))
-        price = self.rates.from_usd(price_usd, currency)
-        if floor_cur == currency:
-            price = max(price, floor)  # exact in the floor's own currency, no rounding drift
-        else:
-            price = max(price, self.rates.from_usd(floors[best], currency))
-        price = float(price)
+        # never under the floor in the response currency, exact when it is the floor's own
+        price = max(price, floor if floor_cur == currency
+                    else self.rates.from_usd(floor_usd, currency))
         bid_id = os.urandom(8).hex()
         nurl, burl = self.signer.urls(bid_id, imp.id, campaign.id, creative.id, identity,
                                       currency, r.test, price)
