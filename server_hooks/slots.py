@@ -49,20 +49,14 @@ class ConnectionBoard:
         """The slot has no accepting worker: siblings stop waiting for it."""
         self._cells[slot + 1] = FREE
 
-    def is_least_loaded(self, connections: int) -> bool:
-        """True when no accepting sibling has fewer than ``connections`` open."""
+    def any_below(self, connections: int) -> bool:
+        """True when some accepting slot has fewer than ``connections`` open."""
         cells = self._cells
         for index in range(1, cells[0] + 1):
             value = cells[index]
             if value != FREE and value < connections:
-                return False
-        return True
-
-    def least(self) -> int | None:
-        """The fewest open connections of any accepting slot (None if none accepts)."""
-        cells = self._cells
-        values = [cells[i] for i in range(1, cells[0] + 1) if cells[i] != FREE]
-        return min(values, default=None)
+                return True
+        return False
 
     def snapshot(self) -> dict[int, int]:
         """{slot: open connections} of every accepting slot."""

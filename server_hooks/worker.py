@@ -41,6 +41,7 @@ class BalancedThreadWorker(ThreadWorker):
     _joined = False
     _conns = 0
     _shed_at: int | None = None  # nr_conns when the last shed was decided: one in flight
+    _checked_at: int | None = None  # nr_conns when eligibility was last decided
 
     @property  # type: ignore[override]
     def nr_conns(self) -> int:
@@ -66,26 +67,29 @@ class BalancedThreadWorker(ThreadWorker):
             self._leave()
 
     def set_accept_enabled(self, enabled: bool) -> None:
-        if enabled and self._joined and not self.board.is_least_loaded(self._conns):
+        if enabled and self._joined and self.board.any_below(self._conns):
             enabled = False
+        self._checked_at = self._conns
         super().set_accept_enabled(enabled)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         if self._joined:
             if not self.alive:
                 self._leave()  # stopping: siblings must not wait for this worker's turn
-            else:
+            elif not self._accepting or self._conns != self._checked_at:
+                # While accepting with an unchanged count the answer can only be stale in
+                # this worker's disfavour by one connection, which the next accept re-checks.
                 self.set_accept_enabled(self._conns < self.worker_connections)
                 if not self._accepting:
                     timeout = min(timeout, RECHECK_S)
         super().wait_for_and_dispatch_events(timeout)
 
     def handle_request(self, req, conn):
-        if self._joined and self._conns != self._shed_at:
-            least = self.board.least()
-            if least is not None and self._conns >= least + 2:
-                self._shed_at = self._conns
-                req.must_close = True  # "Connection: close": the client reconnects elsewhere
+        conns = self._conns
+        if self._joined and conns >= 2 and conns != self._shed_at \
+                and self.board.any_below(conns - 1):
+            self._shed_at = conns  # a sibling holds two fewer: hand this connection over
+            req.must_close = True  # "Connection: close": the client reconnects elsewhere
         return super().handle_request(req, conn)
 
     def _leave(self) -> None:
