@@ -283,9 +283,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check: show current vs recommended (exit 1 if any differs); "
                              "apply: set them (root), saving the old values; revert: restore")
     parser.add_argument("--state", type=Path, default=None,
-                        help="where apply saves the previous values (default: "
+                        help="where apply saves the previous values; unset: "
                              "/var/lib/bidder/tune-state.json as root, else "
-                             "$XDG_STATE_HOME/bidder/tune-state.json)")
+                             "$XDG_STATE_HOME/bidder/tune-state.json")
     parser.add_argument("--proc-sys", type=Path, default=Path("/proc/sys"),
                         help="sysctl tree (for tests and containers)")
     parser.add_argument("--debugfs", type=Path, default=Path("/sys/kernel/debug"),
