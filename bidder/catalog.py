@@ -131,6 +131,7 @@ def _validate(c: Campaign, rates: Rates) -> None:
 
 
 Bits = int  # a set of campaigns: bit i is campaign i
+MASK_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Catalog:
         for k, (_, cr) in enumerate(self.candidates):
             self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
         self.all: Bits = (1 << n) - 1
+        self._candidate_masks: dict[Bits, np.ndarray] = {}
 
         def allow(values_of) -> tuple[dict, Bits]:
             """value -> campaigns targeting it or not targeting that dimension; the untargeted."""
@@ -214,10 +216,18 @@ class Catalog:
         return table.get(value, untargeted)
 
     def candidate_mask(self, campaigns: Bits) -> np.ndarray:
-        """Bool per candidate: its campaign is in ``campaigns``."""
-        packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
-        per_campaign = np.unpackbits(packed, count=len(self.campaigns), bitorder="little")
-        return per_campaign.view(bool)[self.cand_campaign]
+        """Bool per candidate: its campaign is in ``campaigns`` (read-only, cached: requests
+        fall into few distinct campaign sets)."""
+        mask = self._candidate_masks.get(campaigns)
+        if mask is None:
+            packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
+            per_campaign = np.unpackbits(packed, count=len(self.campaigns), bitorder="little")
+            mask = per_campaign.view(bool)[self.cand_campaign]
+            mask.flags.writeable = False
+            if len(self._candidate_masks) >= MASK_CACHE_SIZE:
+                self._candidate_masks.clear()
+            self._candidate_masks[campaigns] = mask
+        return mask
 
     def size_mask(self, sizes: list[tuple[int, int]]) -> np.ndarray | None:
         """Bool per candidate: its creative has one of ``sizes`` (None: no creative does)."""
