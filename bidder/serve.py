@@ -125,9 +125,13 @@ def serve(s: Settings) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="bidder-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
     logging.basicConfig(level=s.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    master = os.getpid()
     try:
         workers = s.workers or default_workers(s)
         BidderApplication(s, workers).run()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # A worker leaves Arbiter.run by sys.exit through these frames too (it was forked
+        # inside them): only the master may remove what the live workers still write to.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
