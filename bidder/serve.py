@@ -21,6 +21,7 @@ from gunicorn.app.base import BaseApplication
 
 from bidder import settings as settings_mod
 from bidder.settings import Settings
+from server_hooks.pinning import CpuMapError
 
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
@@ -127,7 +128,11 @@ def serve(s: Settings) -> int:
     logging.basicConfig(level=s.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     master = os.getpid()
     try:
-        workers = s.workers or default_workers(s)
+        try:
+            workers = s.workers or default_workers(s)
+        except CpuMapError as exc:
+            print(f"bidder serve: {exc}", file=sys.stderr)
+            return 2
         BidderApplication(s, workers).run()
     finally:
         # A worker leaves Arbiter.run by sys.exit through these frames too (it was forked
