@@ -100,7 +100,6 @@ class BidResource:
             raise BadRequest(f"invalid OpenRTB 2.6 BidRequest: {exc}")
         tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
         deadline = arrived + tmax_s - min(self.margin_s, tmax_s / 2)
-        self.models.maybe_reload()
         try:
             outcome = self.auction.bid(request, self.state.store, self.state.ledger,
                                        self.models.current, deadline)
@@ -282,6 +281,8 @@ def create_app(settings: Settings) -> BidderApp:
     signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret)
     auction = Auction(catalog, rates, signer)
     auction.candidate_features(models.current.hash_bits)  # hash before fork, shared by workers
+    # each worker watches the model file from a thread of its own, so no request pays for a load
+    os.register_at_fork(after_in_child=models.start_watcher)
     try:
         state = ProcessState(settings)
     except (ValueError, OSError, sqlite3.Error) as exc:
