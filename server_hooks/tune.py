@@ -33,7 +33,9 @@ RECOMMENDED: dict[str, str] = {
     "sched_wakeup_granularity_ns": "15000000",  # < 6.6: how much vruntime a waker must lead by
     "sched_migration_cost_ns": "5000000",  # all eras: a task ran this recently = cache-hot
     "base_slice_ns": "10000000",  # >= 6.6: EEVDF base slice (was min_granularity)
-    "slice_ms": "10",  # >= 6.12: per-worker slice, applied by `bidder serve --slice-ms`
+    # >= 6.12: per-worker slice (`bidder serve --slice-ms`). Off: the A/B of 10 ms against the
+    # kernel default showed no significant CPU or latency difference (docs/ab/slice/report.md).
+    "slice_ms": "off",
     "net.core.somaxconn": "65535",  # accept backlog cap (Gunicorn asks for 2048)
     "net.ipv4.tcp_max_syn_backlog": "65535",  # half-open connections during reconnect storms
     "net.ipv4.ip_local_port_range": "1024 65535",  # ephemeral ports for outgoing connections
@@ -109,9 +111,10 @@ def knobs(version: tuple[int, int]) -> list[Knob]:
                  r["sched_migration_cost_ns"], "tasks run this recently are cache-hot, not moved"),
         ]
     if version >= SLICE_KERNEL:
-        found.append(Knob("per-worker slice", "slice", "", r["slice_ms"] + " ms",
-                          "set by each worker itself: `bidder serve --slice-ms "
-                          f"{r['slice_ms']}` (no host change, no root)"))
+        found.append(Knob("per-worker slice", "slice", "", r["slice_ms"],
+                          "set by each worker itself with `bidder serve --slice-ms MS` (no root); "
+                          "kernel default recommended: 10 ms showed no gain in our A/B "
+                          "(docs/ab/slice), measure yours with `bidder ab`"))
     found += [
         Knob("net.core.somaxconn", "sysctl", "net/core/somaxconn", r["net.core.somaxconn"],
              "cap on every listen backlog", at_least=True),
