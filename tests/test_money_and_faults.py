@@ -187,3 +187,23 @@ def test_port_in_use_and_bad_memcached_address_say_what_to_do(tmp_path):
          "--bind", "127.0.0.1:0", "--ledger", str(tmp_path / "l.db")],
         capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "HOST:PORT" in result.stderr
+
+
+def test_silent_and_stalled_clients_do_not_block_the_worker(start_server):
+    """One worker serves every connection from one thread: a client that connects and says
+    nothing, or stops half-way through a request, must not hold it up."""
+    server = start_server("--campaigns", CATALOG, "--workers", "1")
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    stalled = socket.create_connection(("127.0.0.1", server.port))
+    stalled.sendall(b"POST /openrtb2/bid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 500\r\n\r\n{\"id\":")
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        for _ in range(5):
+            assert server.bid(site_request())[0] == 200
+        assert time.monotonic() - started < 3.0
+        assert server.request("GET", "/healthz")[0] == 200
+    finally:
+        silent.close()
+        stalled.close()
