@@ -12,7 +12,6 @@ import gzip
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -127,15 +126,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"starting bidder serve on 127.0.0.1:{port}")
         server = start_server(port, memcached, workdir, args, args.serve_arg)
 
-        def stop_server() -> None:
-            if server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-                try:
-                    server.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    server.wait()
-        stack.callback(stop_server)
+        stack.callback(memcached_proc.stop_process, server)
         ready = wait_ready(port, server)
         model = ready["components"]["model"]
         say(f"ready: {ready['components']['catalog']['campaigns']} campaigns, model "
@@ -158,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         print("  latency ms (from intended send time): " + "  ".join(
             f"{k.removesuffix('_ms')} {lat[k]:.2f}"
             for k in ("p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "max_ms")))
-        stop_server()
+        memcached_proc.stop_process(server)
         verdict = summary["failed"] == 0 and lat["p99_ms"] <= 50.0
         print(f"Result: {'OK' if verdict else 'NOT OK'} (p99 <= 50 ms and no failures)")
         return 0 if verdict else 1

@@ -1,4 +1,5 @@
-"""An embedded memcached on a free loopback port, for the demo, the A/B and the tests."""
+"""Local processes for the demo, the harnesses and the tests: free loopback ports, an
+embedded memcached, and stopping a child politely before forcefully."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,17 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM (a Gunicorn master stops its workers gracefully), then SIGKILL after ``timeout``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class EmbeddedMemcached:
     """``memcached -l 127.0.0.1 -U 0 -p PORT`` as a context manager.
 
@@ -74,13 +86,8 @@ class EmbeddedMemcached:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=5)
         self.process = None
 
     def __enter__(self) -> "EmbeddedMemcached":

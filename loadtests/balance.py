@@ -24,7 +24,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bidder.memcached_proc import stop_process
 
 BALANCED = "server_hooks.worker.BalancedThreadWorker"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -191,12 +192,7 @@ def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
                       bid_requester() if args.bid else hello_request)
         used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
     finally:
-        master.send_signal(signal.SIGTERM)
-        try:
-            master.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            master.kill()
-            master.wait()
+        stop_process(master)
         shutil.rmtree(workdir, ignore_errors=True)
     ratio = min(used.values()) / max(used.values()) if max(used.values()) > 0 else 0.0
     return {"cpu_s": {str(pid): round(t, 3) for pid, t in used.items()},

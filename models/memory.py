@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bidder.memcached_proc import free_port
+from bidder.memcached_proc import free_port, stop_process
 from models import artifact
 from models.lr import FTRLLogisticRegression
 
@@ -108,18 +107,13 @@ def measure(workers: int, model: Path, second: Path, workdir: Path) -> dict[str,
         shutil.copyfile(second, tmp)
         os.replace(tmp, live)
         time.sleep(0.5)
-        traffic()  # each worker notices the new file on a request and maps its snapshot
+        traffic()  # each worker's watcher (every 0.2 s) notices the new file and maps its snapshot
         time.sleep(0.3)
         traffic(50)
         out.update(snapshot("reloaded"))
         return out
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 def main(argv: list[str] | None = None) -> int:

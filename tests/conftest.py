@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bidder.memcached_proc import EmbeddedMemcached, free_port
+from bidder.memcached_proc import EmbeddedMemcached, free_port, stop_process
 from bidder.seed import seed_users
 
 SEEDED_USERS = 2000
@@ -69,13 +68,7 @@ class Server:
             return fh.read()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def wait_ready(server: Server, timeout: float = 60.0) -> None:
