@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from functools import lru_cache
 
 import msgspec
 from pymemcache.client.hash import HashClient
@@ -75,7 +76,13 @@ def user_key(user_id: str) -> str:
 
 def frequency_key(campaign_id: str, user_key_: str) -> str:
     """Counter of billed impressions of one campaign to one user."""
-    return f"f:{campaign_id}:" + hashlib.blake2b(user_key_.encode(), digest_size=12).hexdigest()
+    return f"f:{campaign_id}:{_user_digest(user_key_)}"
+
+
+@lru_cache(maxsize=4096)
+def _user_digest(user_key_: str) -> str:
+    """One hash per user, however many capped campaigns a request asks about."""
+    return hashlib.blake2b(user_key_.encode(), digest_size=12).hexdigest()
 
 
 def parse_servers(spec: str) -> list[tuple[str, int]]:
