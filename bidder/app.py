@@ -27,6 +27,7 @@ from bidder.notices import NoticeError, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
 from models.artifact import ModelHandle
+from server_hooks.worker import READY_AT
 
 log = logging.getLogger("bidder.app")
 
@@ -85,7 +86,9 @@ class BidResource:
         self.margin_s = settings.safety_margin_ms / 1000.0
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        arrived = time.monotonic()
+        # Arrival: when the worker's poller saw the bytes (set by the balanced worker), so time
+        # spent queued behind other requests of the same poll counts against tmax.
+        arrived = req.env.get(READY_AT) or time.monotonic()
         try:
             self._bid(req, resp, arrived)
         finally:

@@ -35,6 +35,8 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from server_hooks.slots import ConnectionBoard
 
+READY_AT = "bidder.ready_at"  # WSGI environ key: when the poller saw the request (monotonic s)
+
 # A request that has started must arrive (and its answer leave) within this, or its connection
 # is dropped: a stalled client must not hold the one thread that serves every connection.
 IO_STALL_S = 1
@@ -72,10 +74,31 @@ class BalancedThreadWorker(ThreadWorker):
         else:
             self.log.warning("worker pid=%s has no connection board slot (server_hooks.hooks not "
                              "installed?): accepting without balancing", self.pid)
+        if self.cfg.threads <= 1:
+            self._stamp_readiness()
         try:
             super().run()
         finally:
             self._leave()
+
+    def _stamp_readiness(self) -> None:
+        """Give the app the moment the poller saw its request's bytes (``bidder.ready_at`` in
+        the WSGI environ, ``time.monotonic()``): requests handled one after another from one
+        poll waited for each other, and that wait counts against the exchange's ``tmax``."""
+        select, app = self.poller.select, self.wsgi
+        self._ready_at = time.monotonic()
+
+        def timed_select(timeout=None):
+            events = select(timeout)
+            self._ready_at = time.monotonic()
+            return events
+
+        def stamped_app(environ, start_response):
+            environ[READY_AT] = self._ready_at
+            return app(environ, start_response)
+
+        self.poller.select = timed_select
+        self.wsgi = stamped_app
 
     def set_accept_enabled(self, enabled: bool) -> None:
         if enabled and self._joined and self.board.any_below(self._conns):

@@ -1,0 +1,1 @@
+"""Small WSGI apps served by real ``bidder serve --app`` processes in the tests."""
