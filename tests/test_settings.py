@@ -1,0 +1,47 @@
+"""Settings: declared once, command line > environment > default, clear errors."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from bidder import settings
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, "serve")
+    return parser.parse_args(argv)
+
+
+def test_command_line_beats_environment_beats_default():
+    env = {"BIDDER_WORKERS": "3", "BIDDER_PIN": "off", "BIDDER_SLICE_MS": "10"}
+    s = settings.resolve(parse(["--workers", "5"]), environ=env)
+    assert s.workers == 5 and s.pin is False and s.slice_ms == 10.0
+    s = settings.resolve(parse(["--pin"]), environ=env)
+    assert s.pin is True and s.workers == 3
+    s = settings.resolve(parse([]), environ={})
+    assert s.workers == 0 and s.pin is True and s.slice_ms is None
+    assert s.bind == "127.0.0.1:8080" and s.max_body_bytes == 64 * 1024
+
+
+def test_every_setting_has_a_flag_an_environment_variable_and_a_doc():
+    names = [s.name for s in settings.SETTINGS]
+    assert len(names) == len(set(names))
+    for s in settings.SETTINGS:
+        assert s.flag == "--" + s.name.replace("_", "-") and s.env == "BIDDER_" + s.name.upper()
+        assert s.doc.strip()
+
+
+def test_a_bad_environment_value_names_the_variable_and_the_flag():
+    with pytest.raises(SystemExit, match="BIDDER_WORKERS='many'.*--workers"):
+        settings.resolve(parse([]), environ={"BIDDER_WORKERS": "many"})
+
+
+def test_serve_help_lists_every_setting_with_its_environment_variable():
+    out = subprocess.run([sys.executable, "-m", "bidder.cli", "serve", "--help"],
+                         capture_output=True, text=True, timeout=60).stdout
+    for s in settings.SETTINGS:
+        assert s.flag in out and s.env in out
