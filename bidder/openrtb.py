@@ -155,7 +155,10 @@ class InvalidRequest(ValueError):
 
 def decode_request(body: bytes) -> BidRequest:
     """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``."""
-    request = REQUEST_DECODER.decode(body)
+    try:
+        request = REQUEST_DECODER.decode(body)
+    except RecursionError:  # msgspec's depth limit, e.g. "ext": [[[[...]]]]; not a DecodeError
+        raise InvalidRequest("JSON is nested too deeply for a BidRequest") from None
     if not request.id:
         raise InvalidRequest("BidRequest.id must be a non-empty string")
     if not request.imp:

@@ -1,0 +1,30 @@
+"""Review of the bid path: request shapes and deal rules that were answered wrongly, each
+against a real ``bidder serve`` (the shared test catalog, EUR=1.10)."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+
+from tests.conftest import launch_server
+from tests.test_bid_http import bids_of, site_request
+
+CATALOG = os.path.join(os.path.dirname(__file__), "data", "campaigns.json")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = launch_server(tmp_path_factory.mktemp("review-bidpath"), "--workers", "1",
+                        "--campaigns", CATALOG, "--currency-rates", "EUR=1.10,JPY=0.0070")
+    yield srv
+    srv.stop()
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(server):
+    depth = 20000  # fits the 64 KiB cap; msgspec raises RecursionError, not DecodeError
+    body = b'{"id": "x", "ext": ' + b"[" * depth + b"]" * depth + b', "imp": [{"id": "1"}]}'
+    status, _, data = server.bid(body)
+    assert status == 400, data
+    assert "nested" in json.loads(data)["error"]
