@@ -183,9 +183,9 @@ class Auction:
         # Deals: a campaign in one of the imp's deals bids on it, at that deal's floor.
         deal_of: dict[int, Deal] = {}
         pmp = imp.pmp
-        if pmp is not None and pmp.deals:
+        if pmp is not None and (pmp.deals or pmp.private_auction):  # private, no deals: no bid
             in_deal: Bits = 0
-            for deal in pmp.deals:
+            for deal in pmp.deals or ():
                 hit = cat.by_deal.get(deal.id, 0) & campaigns & ~in_deal
                 if not hit or not self.rates.knows(deal.bidfloorcur):
                     continue

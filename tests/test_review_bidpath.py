@@ -28,3 +28,13 @@ def test_deeply_nested_json_is_a_400_not_a_500(server):
     status, _, data = server.bid(body)
     assert status == 400, data
     assert "nested" in json.loads(data)["error"]
+
+
+def test_private_auction_without_deals_is_not_an_open_auction(server):
+    req = site_request()  # jp-shoes bids on this in the open auction
+    req["imp"][0]["pmp"] = {"private_auction": 1}
+    status, headers, data = server.bid(req)
+    assert status == 204, data
+    assert headers["x-nobid-reason"] == "no_deal_in_private_auction"
+    req["imp"][0]["pmp"] = {"private_auction": 1, "deals": []}
+    assert server.bid(req)[0] == 204
