@@ -139,19 +139,31 @@ class BidResource:
             raise PayloadTooLarge(f"body is over the {self.max_body}-byte limit")
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
         if encoding == "gzip":
-            inflater = zlib.decompressobj(wbits=31)
-            try:
-                body = inflater.decompress(body, self.max_body + 1)
-            except zlib.error as exc:
-                raise BadRequest(f"Content-Encoding is gzip but the body does not inflate: {exc}")
-            if len(body) > self.max_body or inflater.unconsumed_tail:
-                raise PayloadTooLarge(
-                    f"body inflates to more than the {self.max_body}-byte limit")
+            body = self._gunzip(body)
         elif encoding != "identity":
             raise UnsupportedMediaType(
                 f"Content-Encoding {encoding!r} is not supported: send identity or gzip")
         if not body:
             raise BadRequest("empty body: POST an OpenRTB 2.6 BidRequest as JSON")
+        return body
+
+    def _gunzip(self, data: bytes) -> bytes:
+        """Inflate every member of a gzip body (RFC 1952: a gzip file is a series of members),
+        each whole with its CRC trailer, the total capped at the body limit."""
+        body = b""
+        while data:
+            inflater = zlib.decompressobj(wbits=31)
+            try:
+                body += inflater.decompress(data, self.max_body + 1 - len(body))
+            except zlib.error as exc:
+                raise BadRequest(f"Content-Encoding is gzip but the body does not inflate: {exc}")
+            if len(body) > self.max_body or inflater.unconsumed_tail:
+                raise PayloadTooLarge(
+                    f"body inflates to more than the {self.max_body}-byte limit")
+            if not inflater.eof:
+                raise BadRequest("Content-Encoding is gzip but the body is truncated: a gzip "
+                                 "member ends without its trailer")
+            data = inflater.unused_data
         return body
 
 

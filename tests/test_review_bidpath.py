@@ -38,3 +38,18 @@ def test_private_auction_without_deals_is_not_an_open_auction(server):
     assert headers["x-nobid-reason"] == "no_deal_in_private_auction"
     req["imp"][0]["pmp"] = {"private_auction": 1, "deals": []}
     assert server.bid(req)[0] == 204
+
+
+def test_gzip_body_of_concatenated_members_is_read_whole(server):
+    raw = json.dumps(site_request()).encode()
+    body = gzip.compress(raw[:20]) + gzip.compress(raw[20:])  # RFC 1952 2.2: a gzip file
+    status, _, data = server.bid(body, {"Content-Encoding": "gzip"})
+    assert status == 200, data
+    assert json.loads(data)["id"] == "req-1"
+
+
+def test_truncated_gzip_body_is_a_400(server):
+    body = gzip.compress(json.dumps(site_request()).encode())[:-8]  # CRC32 and size cut off
+    status, _, data = server.bid(body, {"Content-Encoding": "gzip"})
+    assert status == 400, data
+    assert "gzip" in json.loads(data)["error"]
