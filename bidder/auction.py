@@ -227,8 +227,9 @@ class Auction:
         floor_cur, floor = ((deal.bidfloorcur, deal.bidfloor) if deal is not None
                             else (imp.bidfloorcur, imp.bidfloor))
         # never under the floor in the response currency, exact when it is the floor's own
-        price = max(price, floor if floor_cur == currency
-                    else self.rates.from_usd(floor_usd, currency))
+        floor_price = floor if floor_cur == currency else self.rates.from_usd(floor_usd, currency)
+        # Deal.at 3: "the value passed in bidfloor is the agreed upon deal price"
+        price = floor_price if auction_type == 3 else max(price, floor_price)
         bid_id = os.urandom(8).hex()
         nurl, burl = self.signer.urls(bid_id, imp.id, campaign.id, creative.id, identity,
                                       currency, r.test, price)

@@ -53,3 +53,18 @@ def test_truncated_gzip_body_is_a_400(server):
     status, _, data = server.bid(body, {"Content-Encoding": "gzip"})
     assert status == 400, data
     assert "gzip" in json.loads(data)["error"]
+
+
+def test_fixed_price_deal_bids_the_agreed_price(server):
+    """Deal.at = 3: "the value passed in bidfloor is the agreed upon deal price" (2.6, 3.2.12)."""
+    req = site_request(country="DEU", floor=0.01)
+    req["cur"] = ["EUR"]
+    req["imp"][0]["pmp"] = {"private_auction": 1, "deals": [
+        {"id": "d1", "bidfloor": 2.5, "bidfloorcur": "EUR", "at": 3}]}
+    status, _, data = server.bid(req)
+    assert status == 200, data
+    [bid] = bids_of(data)
+    assert bid["dealid"] == "d1" and bid["price"] == 2.5
+    req["cur"] = ["USD"]
+    [bid] = bids_of(server.bid(req)[2])
+    assert bid["price"] == pytest.approx(2.75)
