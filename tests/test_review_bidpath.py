@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import pytest
 
@@ -68,3 +69,26 @@ def test_fixed_price_deal_bids_the_agreed_price(server):
     req["cur"] = ["USD"]
     [bid] = bids_of(server.bid(req)[2])
     assert bid["price"] == pytest.approx(2.75)
+
+
+def test_notice_signature_cannot_be_shifted_across_fields(server):
+    """An imp id holding the signer's field separator must not let its signature sign other
+    fields: here, billing booked on a campaign that never bid, or a 500 on a shifted price."""
+    req = site_request()
+    req["imp"][0]["id"] = "1\x1fus-autos"
+    [bid] = bids_of(server.bid(req)[2])
+    q = dict(parse_qsl(urlsplit(bid["burl"]).query))
+    assert q["c"] == "jp-shoes" and q["i"] == "1\x1fus-autos"
+    shifted = [
+        {"i": "1", "c": "us-autos", "r": "jp-shoes\x1f" + q["r"]},
+        {"i": "1", "c": "us-autos", "r": "jp-shoes", "u": q["r"], "cur": q["u"], "t": q["cur"],
+         "bp": q["t"] + "\x1f" + q["bp"]},
+    ]
+    for fields in shifted:
+        forged = {**q, **fields, "p": "1.0"}
+        status, _, data = server.request(
+            "GET", "/notice/billing?" + urlencode(forged, quote_via=quote))
+        assert status == 400 and "signature" in json.loads(data)["error"], data
+    genuine = urlsplit(bid["burl"].replace("${AUCTION_PRICE}", "1.0"))
+    status, _, data = server.request("GET", f"{genuine.path}?{genuine.query}")
+    assert status == 200 and json.loads(data)["status"] == "booked"
