@@ -77,9 +77,11 @@ class Auction:
         device = r.device
         geo = (device.geo if device else None) or (r.user.geo if r.user else None)
         bits = cat.targeted(cat.by_country, cat.any_country, geo.country if geo else None)
-        if device is not None:
-            bits &= cat.targeted(cat.by_devicetype, cat.any_devicetype, device.devicetype)
-            bits &= cat.targeted(cat.by_os, cat.any_os, device.os.lower() if device.os else None)
+        # no Device: type and OS unknown, so only campaigns that do not target them
+        bits &= cat.targeted(cat.by_devicetype, cat.any_devicetype,
+                             device.devicetype if device else None)
+        bits &= cat.targeted(cat.by_os, cat.any_os,
+                             device.os.lower() if device and device.os else None)
         if not bits:
             return NoBid("no_campaign_targets_user")
         domain = r.site.domain if r.site else (r.app.domain if r.app else None)

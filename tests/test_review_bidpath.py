@@ -92,3 +92,16 @@ def test_notice_signature_cannot_be_shifted_across_fields(server):
     genuine = urlsplit(bid["burl"].replace("${AUCTION_PRICE}", "1.0"))
     status, _, data = server.request("GET", f"{genuine.path}?{genuine.query}")
     assert status == 200 and json.loads(data)["status"] == "booked"
+
+
+def test_request_without_device_does_not_skip_device_targeting(server):
+    """jp-shoes targets devicetypes 1, 2, 4: with no Device object the type is unknown, as with
+    a Device that has no devicetype, so it must not bid."""
+    req = site_request()
+    del req["device"]
+    req["user"]["geo"] = {"country": "JPN"}
+    status, headers, data = server.bid(req)
+    assert status == 204, data
+    assert headers["x-nobid-reason"] == "no_campaign_targets_user"
+    req["device"] = {"devicetype": 2}
+    assert server.bid(req)[0] == 200
