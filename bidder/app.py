@@ -134,7 +134,11 @@ class BidResource:
         length = req.content_length
         if length is not None and length > self.max_body:
             raise PayloadTooLarge(f"body of {length} bytes is over the {self.max_body}-byte limit")
-        body = req.bounded_stream.read(self.max_body + 1)
+        try:
+            body = req.bounded_stream.read(self.max_body + 1)
+        except OSError as exc:  # stalled past the socket timeout, reset, or cut short
+            raise BadRequest(f"request body not received in full ({exc}): send all the "
+                             "bytes its Content-Length announces, without stalling")
         if len(body) > self.max_body:
             raise PayloadTooLarge(f"body is over the {self.max_body}-byte limit")
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import pytest
@@ -105,3 +106,13 @@ def test_request_without_device_does_not_skip_device_targeting(server):
     assert headers["x-nobid-reason"] == "no_campaign_targets_user"
     req["device"] = {"devicetype": 2}
     assert server.bid(req)[0] == 200
+
+
+def test_body_shorter_than_its_content_length_is_a_400_not_a_500(server):
+    """The client stops sending mid-body: the worker's read times out (1 s kernel timeout)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /openrtb2/bid HTTP/1.1\r\nHost: bidder\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 1000\r\n\r\n{\"id\": \"x\"")
+        head, _, body = sock.recv(4096).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert "body" in json.loads(body)["error"]
