@@ -154,7 +154,8 @@ class Auction:
     def request_fields(r: BidRequest) -> dict[str, object]:
         device = r.device
         geo = (device.geo if device else None) or (r.user.geo if r.user else None)
-        offset_min = geo.utcoffset if geo and geo.utcoffset is not None else 0
+        # modulo one day: the same hour, and no float overflow for an absurdly large offset
+        offset_min = geo.utcoffset % 1440 if geo and geo.utcoffset is not None else 0
         return {
             "inventory": inventory_key(r.site.domain if r.site else None,
                                        r.app.bundle if r.app else None),

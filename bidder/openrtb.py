@@ -149,6 +149,9 @@ REQUEST_DECODER = msgspec.json.Decoder(BidRequest)
 RESPONSE_ENCODER = msgspec.json.Encoder()
 
 
+MAX_TMAX_MS = 2**31 - 1  # ~24 days; JSON integers are unbounded, and past ~1e308 not even a float
+
+
 class InvalidRequest(ValueError):
     """The body is JSON of the wrong shape or breaks a rule of the specification."""
 
@@ -176,8 +179,9 @@ def decode_request(body: bytes) -> BidRequest:
             for deal in imp.pmp.deals:
                 if deal.bidfloor < 0:
                     raise InvalidRequest(f"Imp {imp.id!r} deal {deal.id!r}: bidfloor must be >= 0")
-    if request.tmax is not None and request.tmax <= 0:
-        raise InvalidRequest("tmax must be a positive number of milliseconds")
+    if request.tmax is not None and not 0 < request.tmax <= MAX_TMAX_MS:
+        raise InvalidRequest(
+            f"tmax must be a positive number of milliseconds, at most {MAX_TMAX_MS}")
     if request.at not in (1, 2) and request.at < 500:
         raise InvalidRequest("at must be 1 (first price), 2 (second price) or an exchange value >= 500")
     return request

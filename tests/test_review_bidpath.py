@@ -116,3 +116,15 @@ def test_body_shorter_than_its_content_length_is_a_400_not_a_500(server):
         head, _, body = sock.recv(4096).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), head
     assert "body" in json.loads(body)["error"]
+
+
+def test_integers_too_large_for_a_float_are_a_400_or_ignored_not_a_failure(server):
+    """JSON integers have no size limit and msgspec decodes them to Python ints of any size."""
+    huge = "1" + "0" * 400
+    body = json.dumps(site_request()).encode()
+    status, _, data = server.bid(body.replace(b'"tmax": 200', b'"tmax": ' + huge.encode()))
+    assert status == 400 and "tmax" in json.loads(data)["error"], data
+    # a Geo.utcoffset only feeds the hour-of-day feature: any value still gives an hour
+    status, headers, data = server.bid(body.replace(
+        b'"country": "JPN"', b'"country": "JPN", "utcoffset": ' + huge.encode()))
+    assert status == 200, (status, headers.get("x-nobid-reason"))
