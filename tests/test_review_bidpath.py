@@ -1,5 +1,6 @@
-"""Review of the bid path: request shapes and deal rules that were answered wrongly, each
-against a real ``bidder serve`` (the shared test catalog, EUR=1.10)."""
+"""Review of the bid path: inputs that were answered wrongly (a 5xx, a bid that breaks a deal,
+targeting or auction rule, a forged notice booked), each against a real ``bidder serve`` with
+the shared test catalog and EUR=1.10."""
 from __future__ import annotations
 
 import gzip
