@@ -117,7 +117,7 @@ class BidResource:
             return
         payload = encode_response(outcome)
         resp.content_type = falcon.MEDIA_JSON
-        if "gzip" in (req.get_header("Accept-Encoding") or ""):
+        if accepts_gzip(req.get_header("Accept-Encoding")):
             deflate = zlib.compressobj(1, zlib.DEFLATED, GZIP_WBITS, GZIP_MEMLEVEL)
             payload = deflate.compress(payload) + deflate.flush()
             resp.set_header("Content-Encoding", "gzip")
@@ -142,7 +142,7 @@ class BidResource:
         if len(body) > self.max_body:
             raise PayloadTooLarge(f"body is over the {self.max_body}-byte limit")
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
-        if encoding == "gzip":
+        if encoding in ("gzip", "x-gzip"):  # RFC 9110 8.4.1.3: x-gzip is gzip
             body = self._gunzip(body)
         elif encoding != "identity":
             raise UnsupportedMediaType(
@@ -169,6 +169,24 @@ class BidResource:
                                  "member ends without its trailer")
             data = inflater.unused_data
         return body
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` header allows gzip: an explicit ``gzip`` (or ``x-gzip``)
+    entry decides by its q-value (``gzip;q=0`` refuses), else ``*`` does (RFC 9110 12.5.3)."""
+    star = False
+    for item in (accept_encoding or "").lower().split(","):
+        coding, _, param = item.partition(";")
+        coding, param = coding.strip(), param.strip()
+        try:
+            allowed = float(param[2:]) > 0 if param.startswith("q=") else True
+        except ValueError:
+            allowed = True
+        if coding in ("gzip", "x-gzip"):
+            return allowed
+        if coding == "*":
+            star = allowed
+    return star
 
 
 class NoticeResource:

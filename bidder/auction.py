@@ -25,6 +25,26 @@ from models import features as F
 
 FIRST_PRICE_SHADE = 0.85  # first-price auctions (at=1): bid this share of the expected value
 SPEND_REFRESH_S = 1.0
+# No-bid reasons of one imp, from the one closest to a bid.
+IMP_REASON_RANK = ("below_floor", "no_creative_fits", "no_deal_in_private_auction",
+                   "floor_currency_unknown", "no_banner_size", "no_banner_imp")
+
+
+def country_of(r: BidRequest) -> str | None:
+    """The user's country: ``device.geo``, else ``user.geo`` (2.6 recommends device.geo)."""
+    for geo in (r.device.geo if r.device else None, r.user.geo if r.user else None):
+        if geo is not None and geo.country:
+            return geo.country
+    return None
+
+
+def domain_and_parents(domain: str | None) -> list[str]:
+    """``www.News.example`` -> ``["www.news.example", "news.example", "example"]``: a listed
+    domain matches itself and its subdomains, whatever the case."""
+    if not domain:
+        return []
+    labels = domain.lower().strip(".").split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
 
 
 @dataclass(frozen=True)
@@ -75,8 +95,7 @@ class Auction:
         filter that left nothing."""
         cat = self.catalog
         device = r.device
-        geo = (device.geo if device else None) or (r.user.geo if r.user else None)
-        bits = cat.targeted(cat.by_country, cat.any_country, geo.country if geo else None)
+        bits = cat.targeted(cat.by_country, cat.any_country, country_of(r))
         # no Device: type and OS unknown, so only campaigns that do not target them
         bits &= cat.targeted(cat.by_devicetype, cat.any_devicetype,
                              device.devicetype if device else None)
@@ -86,12 +105,16 @@ class Auction:
             return NoBid("no_campaign_targets_user")
         domain = r.site.domain if r.site else (r.app.domain if r.app else None)
         bundle = r.app.bundle if r.app else None
-        bits &= cat.targeted(cat.by_domain_allow, cat.any_domain, domain)
-        bits &= ~cat.any_of(cat.by_domain_block, [domain, bundle])
+        # domains match case-insensitively and cover their subdomains (www.x.example is x.example)
+        inventory = domain_and_parents(domain) + ([bundle.lower()] if bundle else [])
+        if cat.by_domain_allow:
+            bits &= cat.any_domain | cat.any_of(cat.by_domain_allow, inventory)
+        bits &= ~cat.any_of(cat.by_domain_block, inventory)
         if not bits:
             return NoBid("no_campaign_targets_inventory")
-        bits &= ~(cat.any_of(cat.by_cat, r.bcat) | cat.any_of(cat.by_adomain, r.badv)
-                  | cat.any_of(cat.by_bundle, r.bapp))
+        blocked_advertisers = [d for a in r.badv or () for d in domain_and_parents(a)]
+        bits &= ~(cat.any_of(cat.by_cat, r.bcat) | cat.any_of(cat.by_adomain, blocked_advertisers)
+                  | cat.any_of(cat.by_bundle, [b.lower() for b in r.bapp or ()]))
         if not bits:
             return NoBid("blocked_by_request")
         if r.wseat:
@@ -124,27 +147,27 @@ class Auction:
                   if campaigns >> i & 1]
         user, counters = store.lookup(keys, [k for _, _, k in capped] if identity else [],
                                       deadline - now)
-        for i, c, key in capped:  # unknown counts (store down) never risk breaking a cap
+        for i, c, key in capped:  # unknown counts (no user id, store down) never break a cap
             if counters is None or counters.get(key, 0) >= c.frequency_cap.impressions:
                 campaigns &= ~(1 << i)
         if not campaigns:
-            return NoBid("frequency_capped")
+            return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
 
         shared = F.shared_indices(self.request_fields(r), user.segments, model.hash_bits)
         features = self.candidate_features(model.hash_bits)
         seats: dict[str, list[Bid]] = {}
-        reason = "below_floor"
+        reasons: list[str] = []
         for imp in r.imp:
             if time.monotonic() >= deadline:
                 return NoBid("deadline")
             bid = self.bid_imp(r, imp, campaigns, shared, features, model, currency, identity)
             if isinstance(bid, NoBid):
-                reason = bid.reason
+                reasons.append(bid.reason)
                 continue
             seat, b = bid
             seats.setdefault(seat, []).append(b)
-        if not seats:
-            return NoBid(reason)
+        if not seats:  # the imp that came closest to a bid speaks for the request
+            return NoBid(min(reasons, key=IMP_REASON_RANK.index))
         if time.monotonic() >= deadline:
             return NoBid("deadline")
         return BidResponse(id=r.id, cur=currency,
@@ -156,12 +179,13 @@ class Auction:
         geo = (device.geo if device else None) or (r.user.geo if r.user else None)
         # modulo one day: the same hour, and no float overflow for an absurdly large offset
         offset_min = geo.utcoffset % 1440 if geo and geo.utcoffset is not None else 0
+        country = country_of(r)
         return {
             "inventory": inventory_key(r.site.domain if r.site else None,
                                        r.app.bundle if r.app else None),
             "devicetype": device.devicetype if device and device.devicetype is not None else 0,
             "os": device.os if device and device.os else "unknown",
-            "country": geo.country if geo and geo.country else "unknown",
+            "country": country or "unknown",
             "hour": int((time.time() // 60 + offset_min) // 60 % 24),
         }
 
@@ -195,7 +219,7 @@ class Auction:
                 if deal.wseat:
                     hit &= cat.any_of(cat.by_seat, deal.wseat)
                 if deal.wadomain:
-                    hit &= cat.any_of(cat.by_adomain, deal.wadomain)
+                    hit &= cat.any_of(cat.by_adomain, [d.lower() for d in deal.wadomain])
                 in_deal |= hit
                 for i in range(hit.bit_length()):
                     if hit >> i & 1:

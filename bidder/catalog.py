@@ -8,6 +8,7 @@ targeting value, so a request's eligibility is a handful of numpy ``&``s.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -54,6 +55,9 @@ class Campaign(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 class CatalogFile(msgspec.Struct, forbid_unknown_fields=True):
     campaigns: list[Campaign]
+
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class CatalogError(ValueError):
@@ -104,8 +108,9 @@ def _validate(c: Campaign, rates: Rates) -> None:
     def fail(field_name: str, why: str) -> None:
         raise CatalogError(f"campaign {c.id!r}, field {field_name!r}: {why}")
 
-    if not c.id:
-        raise CatalogError("a campaign has an empty 'id'")
+    if not ID_PATTERN.fullmatch(c.id):
+        raise CatalogError(f"campaign id {c.id!r}: use 1-64 letters, digits and . _ : - "
+                           "(it is part of notice URLs and memcached keys)")
     if not c.adomain:
         fail("adomain", "list at least one advertiser domain (OpenRTB Bid.adomain)")
     if not (c.value_per_click > 0):
@@ -191,12 +196,13 @@ class Catalog:
         self.by_country, self.any_country = allow(lambda c: t(c).countries)
         self.by_devicetype, self.any_devicetype = allow(lambda c: t(c).devicetypes)
         self.by_os, self.any_os = allow(lambda c: [o.lower() for o in t(c).oses])
-        self.by_domain_allow, self.any_domain = allow(lambda c: t(c).domains_allow)
-        self.by_domain_block = member(lambda c: t(c).domains_block)
+        self.by_domain_allow, self.any_domain = allow(
+            lambda c: [d.lower() for d in t(c).domains_allow])
+        self.by_domain_block = member(lambda c: [d.lower() for d in t(c).domains_block])
         # a blocked IAB category also blocks its subcategories ("IAB18" blocks "IAB18-1")
         self.by_cat = member(lambda c: {p for cat in c.cat for p in (cat, cat.split("-")[0])})
-        self.by_adomain = member(lambda c: c.adomain)
-        self.by_bundle = member(lambda c: [c.bundle] if c.bundle else [])
+        self.by_adomain = member(lambda c: [d.lower() for d in c.adomain])
+        self.by_bundle = member(lambda c: [c.bundle.lower()] if c.bundle else [])
         self.by_seat = member(lambda c: [c.seat])
         self.by_deal = member(lambda c: c.deals)
 

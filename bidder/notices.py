@@ -16,6 +16,9 @@ from urllib.parse import quote
 import msgspec
 
 PRICE_MACRO = "${AUCTION_PRICE}"
+# Exchanges may render the clearing price rounded (to cents, say): that is no reason to lose the
+# notice. Above our bid by more than a cent CPM, it is not our auction's price.
+PRICE_TOLERANCE = 0.01 + 1e-9  # and float rounding of the comparison itself
 SIGNED_FIELDS = ("b", "i", "c", "r", "u", "cur", "t", "bp")
 _URL_SAFE = re.compile(r"[A-Za-z0-9_.~:-]*")  # no escaping needed: the common case, kept cheap
 
@@ -67,6 +70,6 @@ class NoticeSigner:
         if not math.isfinite(price) or price < 0:
             raise NoticeError(f"clearing price {raw_price!r} must be a finite amount >= 0")
         bid_price = float(params["bp"])
-        if price > bid_price * (1 + 1e-9):
+        if price > bid_price + PRICE_TOLERANCE:
             raise NoticeError(f"clearing price {price} is above our bid {bid_price}")
         return dict(zip(SIGNED_FIELDS, values)), price

@@ -175,10 +175,14 @@ def decode_request(body: bytes) -> BidRequest:
         seen.add(imp.id)
         if imp.bidfloor < 0:
             raise InvalidRequest(f"Imp {imp.id!r}: bidfloor must be >= 0")
+        imp.bidfloorcur = imp.bidfloorcur.upper()  # ISO-4217 codes, whatever the sender's case
         if imp.pmp and imp.pmp.deals:
             for deal in imp.pmp.deals:
                 if deal.bidfloor < 0:
                     raise InvalidRequest(f"Imp {imp.id!r} deal {deal.id!r}: bidfloor must be >= 0")
+                deal.bidfloorcur = deal.bidfloorcur.upper()
+    if request.cur:
+        request.cur = [c.upper() for c in request.cur]
     if request.tmax is not None and not 0 < request.tmax <= MAX_TMAX_MS:
         raise InvalidRequest(
             f"tmax must be a positive number of milliseconds, at most {MAX_TMAX_MS}")

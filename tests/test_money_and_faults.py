@@ -124,7 +124,7 @@ def test_memcached_down_degrades_to_default_features(start_server, tmp_path):
         assert (time.monotonic() - started) / 50 < 0.05
         # a frequency-capped campaign cannot know its count: it sits out rather than overserve
         status, headers, _ = server.bid(site_request(country="FRA"))
-        assert status == 204 and headers["x-nobid-reason"] == "frequency_capped"
+        assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown"
         status, _, body = server.request("GET", "/readyz")
         ready = json.loads(body)
         assert status == 200 and ready["ready"] is True  # memcached only degrades
