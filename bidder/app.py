@@ -92,7 +92,7 @@ class BidResource:
         try:
             self._bid(req, resp, arrived)
         finally:
-            metrics.REQUESTS.labels(str(resp.status_code)).inc()
+            metrics.child(metrics.REQUESTS, str(resp.status_code)).inc()
             metrics.LATENCY.observe(time.monotonic() - arrived)
 
     def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
@@ -113,7 +113,7 @@ class BidResource:
         if isinstance(outcome, NoBid):
             resp.status = falcon.HTTP_204
             resp.set_header("X-Nobid-Reason", outcome.reason)
-            metrics.NOBIDS.labels(outcome.reason).inc()
+            metrics.child(metrics.NOBIDS, outcome.reason).inc()
             return
         payload = encode_response(outcome)
         resp.content_type = falcon.MEDIA_JSON

@@ -4,17 +4,20 @@ One ``get_many`` per bid request fetches every id the request carries
 (``user.buyeruid``, ``user.id``, ``device.ifa``); the first hit wins. Values are
 msgpack arrays (``UserFeatures`` as ``array_like``): compact, schema-checked on
 decode, no pickle. A fault (refused, timed out, garbage) answers with default
-features, and HashClient drops that server from the ring for ``retry_ms``
-before trying it again: the bid is still answered in time.
+features, and that server is left alone for ``retry_ms`` (several servers:
+HashClient drops it from the ring; one server: no look-ups until then): the bid
+is still answered in time.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import zlib
 from functools import lru_cache
 
 import msgspec
+from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
 
@@ -107,11 +110,15 @@ class FeatureStore:
         self.timeout_s = timeout_ms / 1000.0
         self.retry_s = retry_ms / 1000.0
         self.last_error: str | None = None
-        self.client = HashClient(
-            servers, hasher=Crc32Rendezvous, serde=UserFeaturesSerde(), connect_timeout=connect_timeout_ms / 1000.0,
-            timeout=timeout_ms / 1000.0, no_delay=True, retry_attempts=0,
-            dead_timeout=self.retry_s, ignore_exc=False, default_noreply=False,
-        ) if servers else None
+        options = dict(serde=UserFeaturesSerde(), connect_timeout=connect_timeout_ms / 1000.0,
+                       timeout=timeout_ms / 1000.0, no_delay=True, default_noreply=False)
+        self.client: Client | HashClient | None = None
+        self._down_until = 0.0  # one server: after a fault, no look-ups until then
+        if len(servers) == 1:  # no ring to walk: the plain client, ~6 % of a bid's CPU less
+            self.client = Client(servers[0], **options)
+        elif servers:  # HashClient drops a failed server from the ring for retry_ms
+            self.client = HashClient(servers, hasher=Crc32Rendezvous, retry_attempts=0,
+                                     dead_timeout=self.retry_s, ignore_exc=False, **options)
 
     def lookup(self, user_keys: list[str], counter_keys: list[str],
                time_left_s: float) -> tuple[UserFeatures, dict[str, int] | None]:
@@ -120,28 +127,32 @@ class FeatureStore:
         Default features on a miss; default features and ``None`` counters (unknown, so
         capped campaigns must not bid) on a fault or with too little time left.
         """
-        if not user_keys or self.client is None or time_left_s < self.timeout_s:
-            metrics.FEATURE_STORE.labels("skipped").inc()
+        if not user_keys or self.client is None or time_left_s < self.timeout_s \
+                or (self._down_until and time.monotonic() < self._down_until):
+            metrics.child(metrics.FEATURE_STORE, "skipped").inc()
             return DEFAULT_FEATURES, None
         try:
             found = self.client.get_many(user_keys + counter_keys)
         except Exception as exc:  # refused, timeout, protocol error: all degrade the same way
+            if isinstance(self.client, Client):
+                self._down_until = time.monotonic() + self.retry_s
             if self.last_error is None:
                 log.warning("memcached %s failed (%s): default features for %.0f ms",
                             self.servers, exc, self.retry_s * 1000)
             self.last_error = f"{type(exc).__name__}: {exc}"
-            metrics.FEATURE_STORE.labels("error").inc()
+            metrics.child(metrics.FEATURE_STORE, "error").inc()
             return DEFAULT_FEATURES, None
         if self.last_error is not None:
             log.info("memcached %s answers again", self.servers)
             self.last_error = None
+            self._down_until = 0.0
         counters = {k: found[k] for k in counter_keys if isinstance(found.get(k), int)}
         for key in user_keys:
             features = found.get(key)
             if isinstance(features, UserFeatures):
-                metrics.FEATURE_STORE.labels("hit").inc()
+                metrics.child(metrics.FEATURE_STORE, "hit").inc()
                 return features, counters
-        metrics.FEATURE_STORE.labels("miss").inc()
+        metrics.child(metrics.FEATURE_STORE, "miss").inc()
         return DEFAULT_FEATURES, counters
 
     def count_impression(self, key: str, window_s: int) -> None:
