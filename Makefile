@@ -16,7 +16,9 @@ memcached:
 	@command -v memcached >/dev/null 2>&1 || { \
 	  echo "memcached is missing: installing it with apt-get"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq memcached >/dev/null || { \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq memcached >/dev/null; \
+	  command -v memcached >/dev/null 2>&1 || $$SUDO apt-get install -y -qq --reinstall memcached >/dev/null; \
+	  command -v memcached >/dev/null 2>&1 || { \
 	    echo "could not install memcached: install it yourself (apt-get/dnf/brew install memcached)"; exit 1; }; \
 	  if command -v systemctl >/dev/null 2>&1; then $$SUDO systemctl disable --now memcached >/dev/null 2>&1 || true; fi; }
 
