@@ -145,16 +145,21 @@ def test_targeting_country_devicetype_size(server):
     assert server.bid(req)[0] == 204
     status, headers, _ = server.bid(site_request(w=728, h=90))
     assert status == 204 and headers["x-nobid-reason"] == "no_creative_fits"
-    # country from user.geo when device.geo is absent
-    req = site_request()
-    del req["device"]["geo"]
-    req["user"]["geo"] = {"country": "JPN"}
-    assert server.bid(req)[0] == 200
+    # country from user.geo when device.geo is absent or names no country
+    for device_geo in (None, {"region": "13"}):
+        req = site_request()
+        if device_geo is None:
+            del req["device"]["geo"]
+        else:
+            req["device"]["geo"] = device_geo
+        req["user"]["geo"] = {"country": "JPN"}
+        assert server.bid(req)[0] == 200
 
 
-def test_currencies(server):
-    req = site_request(cur=["EUR"])
-    req["imp"][0].update(bidfloor=0.5, bidfloorcur="EUR")
+@pytest.mark.parametrize("eur", ["EUR", "eur"])  # ISO-4217 codes in any case
+def test_currencies(server, eur):
+    req = site_request(cur=[eur])
+    req["imp"][0].update(bidfloor=0.5, bidfloorcur=eur)
     status, _, body = server.bid(req)
     assert status == 200 and json.loads(body)["cur"] == "EUR"
     assert bids_of(body)[0]["price"] >= 0.5

@@ -1,5 +1,6 @@
-"""Rules found in review: case and subdomains, geo fallback, clearing prices rendered rounded,
-Accept-Encoding weights, x-gzip, currency case, no-bid reasons of multi-imp requests, ids."""
+"""Rules found in review: case and subdomains, clearing prices rendered rounded, Accept-Encoding
+weights, x-gzip, no-bid reasons of multi-imp requests, ids (geo fallback and currency case are
+in test_bid_http)."""
 from __future__ import annotations
 
 import copy
@@ -46,21 +47,6 @@ def test_badv_and_bapp_ignore_case(server):
     del app["site"]
     app["app"] = {"bundle": "com.example.puzzle"}
     assert server.bid(app)[0] == 204
-
-
-def test_country_falls_back_to_user_geo_when_device_geo_has_none(server):
-    req = site_request()
-    req["device"]["geo"] = {"region": "13"}
-    req["user"]["geo"] = {"country": "JPN"}
-    assert server.bid(req)[0] == 200
-
-
-def test_currency_codes_in_any_case(server):
-    req = site_request(cur=["eur"])
-    req["imp"][0].update(bidfloor=0.5, bidfloorcur="eur")
-    status, _, body = server.bid(req)
-    assert status == 200 and json.loads(body)["cur"] == "EUR"
-    assert bids_of(body)[0]["price"] >= 0.5
 
 
 def test_a_clearing_price_rendered_rounded_up_is_still_booked(server):
