@@ -322,9 +322,11 @@ def create_app(settings: Settings) -> BidderApp:
     os.register_at_fork(after_in_child=models.start_watcher)
     try:
         state = ProcessState(settings)
-    except (ValueError, OSError, sqlite3.Error) as exc:
-        raise StartupError(f"cannot open the ledger {settings.ledger!r} or the feature store: "
-                           f"{exc}") from None
+    except ValueError as exc:  # a --memcached address that is not HOST:PORT
+        raise StartupError(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(f"cannot open the ledger {settings.ledger!r} ({exc}): its directory "
+                           "must exist and be writable; choose another with --ledger PATH") from None
 
     app = BidderApp(media_type=falcon.MEDIA_JSON)
     handler = _MsgspecJSON()
