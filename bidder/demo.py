@@ -11,11 +11,8 @@ import argparse
 import gzip
 import http.client
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 
 from bidder import memcached_proc
@@ -41,36 +38,16 @@ def say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def start_server(port: int, memcached: str, workdir: str, args: argparse.Namespace,
-                 extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
-           "--memcached", memcached, "--pid", os.path.join(workdir, "bidder.pid"),
-           "--ledger", os.path.join(workdir, "ledger.sqlite3"), "--log-level", "warning"]
+def serve_args(args: argparse.Namespace) -> list[str]:
+    """The ``bidder serve`` options this demo run asks for."""
+    argv = ["--log-level", "warning"]
     if args.workers:
-        cmd += ["--workers", str(args.workers)]
+        argv += ["--workers", str(args.workers)]
     if args.model:
-        cmd += ["--model", args.model]
+        argv += ["--model", args.model]
     if args.campaigns:
-        cmd += ["--campaigns", args.campaigns]
-    return subprocess.Popen(cmd + extra)
-
-
-def wait_ready(port: int, server: subprocess.Popen, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"bidder serve exited with code {server.returncode} (see above)")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/readyz")
-            response = conn.getresponse()
-            body = response.read()
-            if response.status == 200:
-                return json.loads(body)
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"bidder serve was not ready after {timeout:.0f} s")
+        argv += ["--campaigns", args.campaigns]
+    return argv + args.serve_arg
 
 
 def show_bids(port: int, requests: list[tuple[bytes, dict[str, str]]], n: int) -> None:
@@ -107,6 +84,7 @@ def show_bids(port: int, requests: list[tuple[bytes, dict[str, str]]], n: int) -
 
 def run(args: argparse.Namespace) -> int:
     from loadtests import openloop, traffic
+    from loadtests import stack as harness
 
     with ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bidder-demo-"))
@@ -122,12 +100,15 @@ def run(args: argparse.Namespace) -> int:
         say(f"seeding {args.users} users into {memcached}")
         seed_users(memcached, args.users)
 
-        port = memcached_proc.free_port()
+        server = harness.Server(serve_args(args), memcached, workdir)
+        port = server.port
         say(f"starting bidder serve on 127.0.0.1:{port}")
-        server = start_server(port, memcached, workdir, args, args.serve_arg)
-
-        stack.callback(memcached_proc.stop_process, server)
-        ready = wait_ready(port, server)
+        try:
+            stack.enter_context(server)
+        except (RuntimeError, TimeoutError) as exc:  # the message carries the server's log
+            print(f"bidder demo: bidder serve did not start: {exc}", file=sys.stderr)
+            return 1
+        ready = json.loads(harness.get(server.url + "/readyz")[1])
         model = ready["components"]["model"]
         say(f"ready: {ready['components']['catalog']['campaigns']} campaigns, model "
             f"{model.get('kind')} {model.get('version')}")
@@ -149,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print("  latency ms (from intended send time): " + "  ".join(
             f"{k.removesuffix('_ms')} {lat[k]:.2f}"
             for k in ("p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "max_ms")))
-        memcached_proc.stop_process(server)
+        server.stop()
         verdict = summary["failed"] == 0 and lat["p99_ms"] <= 50.0
         print(f"Result: {'OK' if verdict else 'NOT OK'} (p99 <= 50 ms and no failures)")
         return 0 if verdict else 1
