@@ -243,11 +243,12 @@ class ReadyResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         catalog = self.auction.catalog
+        model = self.models.status()
         components = {
             "catalog": {"ok": bool(catalog.campaigns), "path": catalog.path,
                         "campaigns": len(catalog.campaigns),
                         "candidates": len(catalog.candidates)},
-            "model": {"ok": bool(self.models.status().get("loaded")), **self.models.status()},
+            "model": {"ok": bool(model.get("loaded")), **model},
             "memcached": self.state.store.status(),
         }
         ready = components["catalog"]["ok"] and components["model"]["ok"]

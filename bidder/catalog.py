@@ -172,7 +172,6 @@ class Catalog:
         self._by_size: dict[tuple[int, int], np.ndarray] = {}
         for k, (_, cr) in enumerate(self.candidates):
             self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
-        self.all: Bits = (1 << n) - 1
         self._candidate_masks: dict[Bits, np.ndarray] = {}
 
         def allow(values_of) -> tuple[dict, Bits]:

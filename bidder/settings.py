@@ -144,9 +144,6 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def replace(self, **changes: Any) -> "Settings":
-        return Settings({**self.values, **changes})
-
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add the flags of every setting that applies to ``command``."""
