@@ -67,8 +67,16 @@ class HashedModel(ABC):
         ...
 
     @abstractmethod
-    def decision_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """Uncalibrated logit of each row ``shared ++ candidates[i]`` (float64, a new array)."""
+    def candidate_terms(self, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The candidate side of the logit of rows ``shared ++ candidates[i]``, computed once per
+        candidate matrix (the catalog's) so that scoring a request only adds the shared side."""
+        ...
+
+    @abstractmethod
+    def decision_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
+                       rows: np.ndarray | slice) -> np.ndarray:
+        """Uncalibrated logit of rows ``shared ++ candidates[rows]`` from
+        ``candidate_terms(candidates)`` (float64, a new array)."""
         ...
 
     @abstractmethod
@@ -102,8 +110,14 @@ class HashedModel(ABC):
         return self._calibrate(self.decision_function(X))
 
     def predict_proba_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """Calibrated P(click) of each row ``shared ++ candidates[i]``: the bid path's one call."""
-        return self._calibrate(self.decision_shared(shared, candidates))
+        """Calibrated P(click) of each row ``shared ++ candidates[i]``."""
+        return self.predict_proba_terms(shared, self.candidate_terms(candidates), slice(None))
+
+    def predict_proba_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
+                            rows: np.ndarray | slice) -> np.ndarray:
+        """Calibrated P(click) of rows ``shared ++ candidates[rows]``: the bid path's one call,
+        with ``terms = candidate_terms(candidates)`` kept from one request to the next."""
+        return self._calibrate(self.decision_terms(shared, terms, rows))
 
     @property
     def calibration(self) -> np.ndarray:

@@ -1,8 +1,9 @@
 """``python -m models.bench``: microseconds per scored candidate for LR and FM, 1 to 1000 candidates.
 
-Times ``predict_proba_shared`` exactly as the bid path calls it (one request's
-shared indices against n candidate rows), on models loaded from artifacts the
-way the server loads them (memory-mapped float32 arrays).
+Times ``predict_proba_terms`` exactly as the bid path calls it (one request's
+shared indices against n eligible rows of candidate terms computed once), on
+models loaded from artifacts the way the server loads them (memory-mapped
+float32 arrays).
 """
 from __future__ import annotations
 
@@ -39,17 +40,19 @@ def _random_model(kind: str, hash_bits: int, k: int, directory: Path) -> HashedM
 
 
 def time_call(model: HashedModel, n: int, min_time_s: float, rng: np.random.Generator) -> float:
-    """Median seconds of one ``predict_proba_shared`` over ``n`` candidates."""
+    """Median seconds of one ``predict_proba_terms`` over ``n`` eligible candidates."""
     request = {"inventory": "site:news.example", "devicetype": 2, "os": "Windows", "country": "USA", "hour": 14}
     shared = features.shared_indices(request, [3, 17, 42, 60], model.hash_bits)
     cands = rng.integers(0, 1 << model.hash_bits, (n, len(features.CANDIDATE_FIELDS)), dtype=np.int64)
+    terms = model.candidate_terms(cands)
+    rows = np.arange(n)
     for _ in range(20):
-        model.predict_proba_shared(shared, cands)
+        model.predict_proba_terms(shared, terms, rows)
     times = []
     deadline = time.perf_counter() + min_time_s
     while time.perf_counter() < deadline or len(times) < 50:
         t0 = time.perf_counter()
-        model.predict_proba_shared(shared, cands)
+        model.predict_proba_terms(shared, terms, rows)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 

@@ -5,10 +5,11 @@ computed as ``0.5 * (|sum_i v_i|^2 - sum_i |v_i|^2)``. The linear part is
 trained with FTRL-Proximal exactly as ``models.lr``; the factors ``V`` with
 AdaGrad and L2, on the same mini-batches.
 
-Scoring every candidate of a request is one matrix expression: with
+Scoring every candidate of a request is one matrix-vector product: with
 ``s_r = sum of v over the shared indices`` and ``s_c`` the same over a
-candidate's, ``|s_r + s_c|^2 - q_r - q_c`` where ``q`` are sums of the
-precomputed squared norms ``v_sq``.
+candidate's, the interactions are ``(|s_r + s_c|^2 - q_r - q_c) / 2`` where
+``q`` are sums of the precomputed squared norms ``v_sq``; everything of the
+candidate alone is computed once (``candidate_terms``), leaving ``s_r . s_c``.
 """
 from __future__ import annotations
 
@@ -59,19 +60,26 @@ class FactorizationMachine(FTRLLogisticRegression):
         inter = np.einsum("ij,ij->i", s, s) - self.v_sq[X] @ ones
         return super().decision_function(X) + 0.5 * inter, s
 
-    def decision_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        V, v_sq = self.V, self.v_sq
-        z = super().decision_shared(shared, candidates)
-        ones = _ones(candidates.shape[1], V.dtype)
-        shared_v = V[shared]
-        s = ones @ V[candidates]  # (n, k) = s_c
-        s += _ones(len(shared), V.dtype) @ shared_v  # + s_r
-        np.square(s, out=s)
-        inter = s @ _ones(s.shape[1], s.dtype)  # |s_r + s_c|^2
-        inter -= v_sq[candidates] @ ones  # - q_c
-        inter -= float(np.add.reduce(v_sq[shared], dtype=np.float64))  # - q_r
-        inter *= 0.5
-        z += inter
+    def candidate_terms(self, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(w_c + (|s_c|^2 - q_c) / 2, s_c)`` per candidate: with the shared side's ``s_r`` and
+        ``q_r``, ``|s_r + s_c|^2 = |s_r|^2 + 2 s_r.s_c + |s_c|^2`` leaves one product per request."""
+        (linear,) = super().candidate_terms(candidates)
+        ones = _ones(candidates.shape[1], self.V.dtype)
+        s_c = np.asarray(ones @ self.V[candidates], dtype=np.float64)  # (n, k)
+        q_c = self.v_sq[candidates] @ ones
+        return linear + 0.5 * (np.einsum("ij,ij->i", s_c, s_c) - q_c), s_c
+
+    def decision_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
+                       rows: np.ndarray | slice) -> np.ndarray:
+        w, V = self.w, self.V
+        constant, s_c = terms
+        s_r = np.asarray(_ones(len(shared), V.dtype) @ V[shared], dtype=np.float64)  # (k,)
+        q_r = float(np.add.reduce(self.v_sq[shared], dtype=np.float64))
+        base = (float(w[self.bias_index]) + float(np.add.reduce(w[shared], dtype=np.float64))
+                + 0.5 * (float(s_r @ s_r) - q_r))
+        z = s_c[rows] @ s_r
+        z += constant[rows]
+        z += base
         return z
 
     def _update(self, X: np.ndarray, y: np.ndarray) -> None:

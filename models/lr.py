@@ -56,11 +56,16 @@ class FTRLLogisticRegression(HashedModel):
         return np.add(w[X] @ _ones(X.shape[1], w.dtype), float(w[self.bias_index]),
                       dtype=np.float64)
 
-    def decision_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    def candidate_terms(self, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(sum of w over each candidate's indices,)``."""
+        w = self.w
+        return (np.asarray(w[candidates] @ _ones(candidates.shape[1], w.dtype), dtype=np.float64),)
+
+    def decision_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
+                       rows: np.ndarray | slice) -> np.ndarray:
         w = self.w
         base = float(w[self.bias_index]) + float(np.add.reduce(w[shared], dtype=np.float64))
-        # One gather and one matrix-vector product for all candidates.
-        return np.add(w[candidates] @ _ones(candidates.shape[1], w.dtype), base, dtype=np.float64)
+        return np.add(terms[0][rows], base)
 
     def _update(self, X: np.ndarray, y: np.ndarray) -> None:
         self._ftrl_step(X, sigmoid_(self.decision_function(X)) - y)

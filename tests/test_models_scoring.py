@@ -42,3 +42,21 @@ def test_hash_bits_change_the_indices():
     a = features.shared_indices(request, [1], 14)
     b = features.shared_indices(request, [1], 20)
     assert np.all(a < 1 << 14) and np.all(b < 1 << 20) and np.all(b & ((1 << 14) - 1) == a)
+
+
+def test_kept_candidate_terms_score_any_subset_and_stay_unchanged(model):
+    """The bid path keeps ``candidate_terms`` of the whole catalog and scores the eligible rows."""
+    request = {"inventory": "site:news.example", "devicetype": 2, "os": "iOS", "country": "USA",
+               "hour": 9}
+    shared = features.shared_indices(request, (2, 9), model.hash_bits)
+    catalog = [(c.id, cr, size) for c in synthetic.load_catalog() for cr, size in c.creatives]
+    cands = features.candidate_indices(
+        [{"campaign": c, "creative": cr, "size": s} for c, cr, s in catalog], model.hash_bits)
+    terms = model.candidate_terms(cands)
+    before = [t.copy() for t in terms]
+    for rows in (np.array([0]), np.array([len(cands) - 1, 2, 0]), np.arange(len(cands))):
+        p = model.predict_proba_terms(shared, terms, rows)
+        np.testing.assert_allclose(p, model.predict_proba(rows_from_shared(shared, cands[rows])),
+                                   rtol=1e-9)
+    for t, b in zip(terms, before):
+        np.testing.assert_array_equal(t, b)
