@@ -318,7 +318,7 @@ def create_app(settings: Settings) -> BidderApp:
         raise StartupError(str(exc)) from None
     signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret)
     auction = Auction(catalog, rates, signer)
-    auction.candidate_features(models.current.hash_bits)  # hash before fork, shared by workers
+    auction.scoring_terms(models.current)  # computed before fork, shared by workers
     # each worker watches the model file from a thread of its own, so no request pays for a load
     os.register_at_fork(after_in_child=models.start_watcher)
     try:

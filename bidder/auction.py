@@ -60,6 +60,7 @@ class Auction:
         self.rates = rates
         self.signer = signer
         self._cand_features: dict[int, np.ndarray] = {}
+        self._terms: tuple[object, tuple[np.ndarray, ...]] | None = None  # (model, its terms)
         self._exhausted: Bits = 0
         self._spend_checked = 0.0
         self._capped = [(i, catalog.campaigns[i]) for i in catalog.capped]
@@ -74,6 +75,12 @@ class Auction:
                  for c, cr in self.catalog.candidates), hash_bits)
             self._cand_features[hash_bits] = feats
         return feats
+
+    def scoring_terms(self, model) -> tuple[np.ndarray, ...]:
+        """The catalog's candidate terms under ``model``, recomputed when the model changes."""
+        if self._terms is None or self._terms[0] is not model:
+            self._terms = (model, model.candidate_terms(self.candidate_features(model.hash_bits)))
+        return self._terms[1]
 
     def refresh_spend(self, ledger: Ledger, now: float) -> None:
         """Stop campaigns whose billed spend reached their budget (read at most once a second)."""
@@ -154,13 +161,13 @@ class Auction:
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
 
         shared = F.shared_indices(self.request_fields(r), user.segments, model.hash_bits)
-        features = self.candidate_features(model.hash_bits)
+        terms = self.scoring_terms(model)
         seats: dict[str, list[Bid]] = {}
         reasons: list[str] = []
         for imp in r.imp:
             if time.monotonic() >= deadline:
                 return NoBid("deadline")
-            bid = self.bid_imp(r, imp, campaigns, shared, features, model, currency, identity)
+            bid = self.bid_imp(r, imp, campaigns, shared, terms, model, currency, identity)
             if isinstance(bid, NoBid):
                 reasons.append(bid.reason)
                 continue
@@ -190,21 +197,20 @@ class Auction:
         }
 
     def bid_imp(self, r: BidRequest, imp: Imp, campaigns: Bits, shared: np.ndarray,
-                features: np.ndarray, model, currency: str,
+                terms: tuple[np.ndarray, ...], model, currency: str,
                 identity: str) -> tuple[str, Bid] | NoBid:
         cat = self.catalog
         banner = imp.banner
         if banner is None:
             return NoBid("no_banner_imp")
-        sizes = [(f.w, f.h) for f in banner.format or () if f.w and f.h]
+        sizes = tuple((f.w, f.h) for f in banner.format or () if f.w and f.h)
         if not sizes and banner.w and banner.h:
-            sizes = [(banner.w, banner.h)]
+            sizes = ((banner.w, banner.h),)
         if not sizes:
             return NoBid("no_banner_size")
         if not self.rates.knows(imp.bidfloorcur):
             return NoBid("floor_currency_unknown")
-        size_ok = cat.size_mask(sizes)
-        if size_ok is None:
+        if not cat.fits_any(sizes):
             return NoBid("no_creative_fits")
 
         # Deals: a campaign in one of the imp's deals bids on it, at that deal's floor.
@@ -228,12 +234,12 @@ class Auction:
                 campaigns &= in_deal
                 if not campaigns:
                     return NoBid("no_deal_in_private_auction")
-        eligible = np.flatnonzero(cat.candidate_mask(campaigns) & size_ok)
+        eligible = cat.eligible_candidates(campaigns, sizes)
         if eligible.size == 0:
             return NoBid("no_creative_fits")
 
         open_floor = self.rates.to_usd(imp.bidfloor, imp.bidfloorcur)
-        value = model.predict_proba_shared(shared, features[eligible])
+        value = model.predict_proba_terms(shared, terms, eligible)
         value *= cat.cand_value_per_mille[eligible]  # expected CPM, USD
         camp = cat.cand_campaign[eligible]
         if deal_of:

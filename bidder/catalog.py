@@ -136,7 +136,7 @@ def _validate(c: Campaign, rates: Rates) -> None:
 
 
 Bits = int  # a set of campaigns: bit i is campaign i
-MASK_CACHE_SIZE = 4096
+ELIGIBLE_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -172,7 +172,7 @@ class Catalog:
         self._by_size: dict[tuple[int, int], np.ndarray] = {}
         for k, (_, cr) in enumerate(self.candidates):
             self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
-        self._candidate_masks: dict[Bits, np.ndarray] = {}
+        self._eligible: dict[tuple[Bits, tuple[tuple[int, int], ...]], np.ndarray] = {}
 
         def allow(values_of) -> tuple[dict, Bits]:
             """value -> campaigns targeting it or not targeting that dimension; the untargeted."""
@@ -220,26 +220,25 @@ class Catalog:
             return untargeted
         return table.get(value, untargeted)
 
-    def candidate_mask(self, campaigns: Bits) -> np.ndarray:
-        """Bool per candidate: its campaign is in ``campaigns`` (read-only, cached: requests
-        fall into few distinct campaign sets)."""
-        mask = self._candidate_masks.get(campaigns)
-        if mask is None:
+    def fits_any(self, sizes: tuple[tuple[int, int], ...]) -> bool:
+        """Whether some creative of the catalog has one of ``sizes``."""
+        return any(size in self._by_size for size in sizes)
+
+    def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes``
+        (read-only, cached: requests fall into few distinct campaign sets and sizes)."""
+        key = (campaigns, sizes)
+        eligible = self._eligible.get(key)
+        if eligible is None:
             packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
             per_campaign = np.unpackbits(packed, count=len(self.campaigns), bitorder="little")
             mask = per_campaign.view(bool)[self.cand_campaign]
-            mask.flags.writeable = False
-            if len(self._candidate_masks) >= MASK_CACHE_SIZE:
-                self._candidate_masks.clear()
-            self._candidate_masks[campaigns] = mask
-        return mask
-
-    def size_mask(self, sizes: list[tuple[int, int]]) -> np.ndarray | None:
-        """Bool per candidate: its creative has one of ``sizes`` (None: no creative does)."""
-        masks = [m for m in map(self._by_size.get, sizes) if m is not None]
-        if not masks:
-            return None
-        mask = masks[0]
-        for m in masks[1:]:
-            mask = mask | m
-        return mask
+            fits = np.zeros(len(self.candidates), dtype=bool)
+            for size in sizes:
+                fits |= self._by_size.get(size, False)
+            eligible = np.flatnonzero(mask & fits)
+            eligible.flags.writeable = False
+            if len(self._eligible) >= ELIGIBLE_CACHE_SIZE:
+                self._eligible.clear()
+            self._eligible[key] = eligible
+        return eligible
