@@ -20,6 +20,8 @@ PRICE_MACRO = "${AUCTION_PRICE}"
 # notice. Above our bid by more than a cent CPM, it is not our auction's price.
 PRICE_TOLERANCE = 0.01 + 1e-9  # and float rounding of the comparison itself
 SIGNED_FIELDS = ("b", "i", "c", "r", "u", "cur", "t", "bp")
+QUERY = "&".join(f"{name}={{}}" for name in SIGNED_FIELDS)
+KINDS = ("win", "billing")
 _URL_SAFE = re.compile(r"[A-Za-z0-9_.~:-]*")  # no escaping needed: the common case, kept cheap
 
 
@@ -34,22 +36,35 @@ class NoticeError(ValueError):
 class NoticeSigner:
     def __init__(self, base_url: str, secret: str) -> None:
         self.base_url = base_url.rstrip("/")
-        self._key = hashlib.blake2b(secret.encode()).digest()[:64]  # any length -> <= 64 bytes
+        key = hashlib.blake2b(secret.encode()).digest()[:64]  # any length -> <= 64 bytes
+        # keyed BLAKE2b (a MAC by design, several times cheaper than HMAC-SHA256 here) over the
+        # JSON array [kind, *values], unambiguous: no value can shift into another. The state
+        # after '["kind",' is kept, so a signature hashes only the values.
+        self._macs = {kind: hashlib.blake2b(b'["' + kind.encode() + b'",', key=key, digest_size=16)
+                      for kind in KINDS}
 
     def _sign(self, kind: str, values: tuple[str, ...]) -> str:
-        """Keyed BLAKE2b (a MAC by design, several times cheaper than HMAC-SHA256 here)."""
-        msg = msgspec.json.encode((kind,) + values)  # unambiguous: no value can shift into another
-        return hashlib.blake2b(msg, key=self._key, digest_size=16).hexdigest()
+        return self._signed_values(kind, msgspec.json.encode(values))
+
+    def _signed_values(self, kind: str, encoded_values: bytes) -> str:
+        """The MAC of ``kind`` and the values whose JSON array is ``encoded_values``."""
+        mac = self._macs[kind].copy()
+        mac.update(memoryview(encoded_values)[1:])  # '"b",...]' follows '["kind",'
+        return mac.hexdigest()
 
     def urls(self, bid_id: str, imp_id: str, campaign: str, creative: str, user_key: str,
              currency: str, test: int, bid_price: float) -> tuple[str, str]:
         """(nurl, burl) for one bid."""
         values = (bid_id, imp_id, campaign, creative, user_key, currency, str(test),
                   repr(bid_price))
-        query = "&".join(f"{k}={_escape(v)}" for k, v in zip(SIGNED_FIELDS, values))
-        return tuple(  # type: ignore[return-value]
-            f"{self.base_url}/notice/{kind}?{query}&s={self._sign(kind, values)}"
-            f"&p={PRICE_MACRO}" for kind in ("win", "billing"))
+        # a value is URL-safe as it is in the common case: then so is their concatenation
+        escaped = values if _URL_SAFE.fullmatch("".join(values)) else map(_escape, values)
+        query = QUERY.format(*escaped)
+        encoded = msgspec.json.encode(values)
+        return (f"{self.base_url}/notice/win?{query}&s={self._signed_values('win', encoded)}"
+                f"&p={PRICE_MACRO}",
+                f"{self.base_url}/notice/billing?{query}"
+                f"&s={self._signed_values('billing', encoded)}&p={PRICE_MACRO}")
 
     def verify(self, kind: str, params: dict[str, str]) -> tuple[dict[str, str], float]:
         """Check a notice's signature and price; return its fields and the clearing price."""
