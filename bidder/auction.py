@@ -234,7 +234,7 @@ class Auction:
                 campaigns &= in_deal
                 if not campaigns:
                     return NoBid("no_deal_in_private_auction")
-        eligible = cat.eligible_candidates(campaigns, sizes)
+        eligible = cat.eligible_candidates(campaigns, sizes, imp.secure == 1)
         if eligible.size == 0:
             return NoBid("no_creative_fits")
 

@@ -169,10 +169,13 @@ class Catalog:
         self.cand_campaign = np.array([self.index[c.id] for c, _ in self.candidates], dtype=np.intp)
         self.cand_value_per_mille = np.array(
             [self.rates.to_usd(c.value_per_click, c.currency) * 1000.0 for c, _ in self.candidates])
+        # imp.secure=1 needs HTTPS assets and markup: a creative with any http:// URL is out
+        self.cand_secure = np.array(["http://" not in cr.adm.lower() for _, cr in self.candidates],
+                                    dtype=bool)
         self._by_size: dict[tuple[int, int], np.ndarray] = {}
         for k, (_, cr) in enumerate(self.candidates):
             self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
-        self._eligible: dict[tuple[Bits, tuple[tuple[int, int], ...]], np.ndarray] = {}
+        self._eligible: dict[tuple[Bits, tuple[tuple[int, int], ...], bool], np.ndarray] = {}
 
         def allow(values_of) -> tuple[dict, Bits]:
             """value -> campaigns targeting it or not targeting that dimension; the untargeted."""
@@ -224,10 +227,12 @@ class Catalog:
         """Whether some creative of the catalog has one of ``sizes``."""
         return any(size in self._by_size for size in sizes)
 
-    def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...]) -> np.ndarray:
-        """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes``
-        (read-only, cached: requests fall into few distinct campaign sets and sizes)."""
-        key = (campaigns, sizes)
+    def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...],
+                            secure: bool) -> np.ndarray:
+        """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes`` (and
+        only HTTPS URLs when ``secure``); read-only, cached: requests fall into few distinct
+        campaign sets and sizes."""
+        key = (campaigns, sizes, secure)
         eligible = self._eligible.get(key)
         if eligible is None:
             packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
@@ -236,6 +241,8 @@ class Catalog:
             fits = np.zeros(len(self.candidates), dtype=bool)
             for size in sizes:
                 fits |= self._by_size.get(size, False)
+            if secure:
+                fits &= self.cand_secure
             eligible = np.flatnonzero(mask & fits)
             eligible.flags.writeable = False
             if len(self._eligible) >= ELIGIBLE_CACHE_SIZE:

@@ -259,7 +259,7 @@ def test_health_ready_metrics_and_routing(server):
     ready = json.loads(body)
     assert status == 200 and ready["ready"] is True
     assert set(ready["components"]) == {"catalog", "model", "memcached"}
-    assert ready["components"]["catalog"]["campaigns"] == 6
+    assert ready["components"]["catalog"]["campaigns"] == 7
     assert ready["components"]["memcached"]["ok"] is True
     status, _, body = server.request("GET", "/metrics")
     assert status == 200 and b"bidder_bid_requests_total" in body

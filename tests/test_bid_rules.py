@@ -93,3 +93,20 @@ def test_campaign_ids_that_cannot_travel_are_refused(tmp_path, bad_id):
     path.write_text(json.dumps(catalog))
     with pytest.raises(CatalogError, match="campaign id"):
         load(str(path), Rates.parse("EUR=1.1"))
+
+
+def test_secure_imps_get_only_creatives_without_plain_http_urls(server):
+    """imp.secure=1 requires HTTPS assets and markup (2.6 3.2.4); omitted or 0, http may do."""
+    for secure in (None, 0):
+        req = site_request(country="ITA")
+        if secure is not None:
+            req["imp"][0]["secure"] = secure
+        [bid] = bids_of(server.bid(req)[2])
+        assert bid["crid"] == "plain-http-300x250"
+    req = site_request(country="ITA")
+    req["imp"][0]["secure"] = 1
+    status, headers, _ = server.bid(req)
+    assert status == 204 and headers["x-nobid-reason"] == "no_creative_fits"
+    req["imp"][0]["banner"]["format"].append({"w": 728, "h": 90})  # an HTTPS creative fits
+    [bid] = bids_of(server.bid(req)[2])
+    assert bid["crid"] == "plain-https-728x90" and "http://" not in bid["adm"]
