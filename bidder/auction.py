@@ -213,7 +213,8 @@ class Auction:
         if not cat.fits_any(sizes):
             return NoBid("no_creative_fits")
 
-        # Deals: a campaign in one of the imp's deals bids on it, at that deal's floor.
+        # Deals: a campaign in one of the imp's deals bids on it, at that deal's floor; in an open
+        # auction, one whose value is under its deal's floor may still bid without the deal.
         deal_of: dict[int, Deal] = {}
         pmp = imp.pmp
         if pmp is not None and (pmp.deals or pmp.private_auction):  # private, no deals: no bid
@@ -243,8 +244,11 @@ class Auction:
         value *= cat.cand_value_per_mille[eligible]  # expected CPM, USD
         camp = cat.cand_campaign[eligible]
         if deal_of:
-            floors = np.array([self.rates.to_usd(deal_of[c].bidfloor, deal_of[c].bidfloorcur)
-                               if c in deal_of else open_floor for c in camp.tolist()])
+            deal_floors = np.array([self.rates.to_usd(deal_of[c].bidfloor, deal_of[c].bidfloorcur)
+                                    if c in deal_of else np.inf for c in camp.tolist()])
+            via_deal = value >= deal_floors
+            floors = np.where(via_deal, deal_floors,
+                              np.inf if pmp is not None and pmp.private_auction else open_floor)
             value = np.where(value >= floors, value, -1.0)
         best = int(np.argmax(value))
         best_value = float(value[best])
@@ -253,7 +257,7 @@ class Auction:
             return NoBid("below_floor")
 
         campaign, creative = cat.candidates[int(eligible[best])]
-        deal = deal_of.get(int(camp[best]))
+        deal = deal_of[int(camp[best])] if deal_of and via_deal[best] else None
         auction_type = deal.at if deal is not None and deal.at else r.at  # a deal's own at wins
         price_usd = best_value * FIRST_PRICE_SHADE if auction_type == 1 else best_value
         price = self.rates.from_usd(max(price_usd, floor_usd), currency)

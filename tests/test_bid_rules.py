@@ -110,3 +110,18 @@ def test_secure_imps_get_only_creatives_without_plain_http_urls(server):
     req["imp"][0]["banner"]["format"].append({"w": 728, "h": 90})  # an HTTPS creative fits
     [bid] = bids_of(server.bid(req)[2])
     assert bid["crid"] == "plain-https-728x90" and "http://" not in bid["adm"]
+
+
+def test_open_auction_deal_campaign_below_its_deal_floor_bids_in_the_open_market(server):
+    """private_auction=0: "bids from all bidders are accepted" (2.6 3.2.11), so a campaign whose
+    value does not reach its deal's floor may still bid at the imp floor, without the deal."""
+    req = site_request(country="DEU", floor=0.01)
+    req["imp"][0]["pmp"] = {"private_auction": 0, "deals": [{"id": "d1", "bidfloor": 90000.0}]}
+    [bid] = bids_of(server.bid(req)[2])
+    assert bid["cid"] == "deal-only" and "dealid" not in bid and 0.01 <= bid["price"] < 90000
+    req["imp"][0]["pmp"]["private_auction"] = 1  # private: the deal or nothing
+    status, headers, _ = server.bid(req)
+    assert status == 204 and headers["x-nobid-reason"] == "below_floor"
+    req["imp"][0]["pmp"] = {"private_auction": 0, "deals": [{"id": "d1", "bidfloor": 0.02}]}
+    [bid] = bids_of(server.bid(req)[2])
+    assert bid["dealid"] == "d1" and bid["price"] >= 0.02  # reaching the deal floor: the deal
