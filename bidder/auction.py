@@ -2,9 +2,10 @@
 
 Order of work, cheapest first, so a request that cannot be bid on costs little:
 response currency -> campaign-level eligibility (targeting, blocks, seats,
-budget) -> one memcached round trip (user features + frequency counters) ->
-per imp: size and deal eligibility, one model call over every eligible
-campaign x creative, the best candidate that clears its floor.
+budget) -> per imp: banner, size, secure and deal eligibility (``ImpPlan``) ->
+one memcached round trip (user features + frequency counters), only when some
+imp can be bid on -> per imp: one model call over every eligible campaign x
+creative, the best candidate that clears its floor.
 """
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def domain_and_parents(domain: str | None) -> list[str]:
 @dataclass(frozen=True)
 class NoBid:
     reason: str
+
+
+@dataclass(frozen=True)
+class ImpPlan:
+    """What an imp can be bid with, known before the user's features are fetched."""
+
+    imp: Imp
+    eligible: np.ndarray  # candidate indices
+    deal_of: dict[int, Deal]  # campaign index -> the deal it bids through
+
+
+def closest_reason(outcomes: list) -> NoBid:
+    """The no-bid of the imp that came closest to a bid, speaking for the whole request."""
+    return NoBid(min((o.reason for o in outcomes if isinstance(o, NoBid)),
+                     key=IMP_REASON_RANK.index))
 
 
 class Auction:
@@ -145,6 +161,10 @@ class Auction:
         if isinstance(campaigns, NoBid):
             return campaigns
 
+        plans = self.plan_imps(r, campaigns)  # imp checks first: they need no round trip
+        if not any(isinstance(p, ImpPlan) for p in plans):
+            return closest_reason(plans)
+
         ids = [i for i in ((r.user.buyeruid, r.user.id) if r.user else ()) if i]
         if r.device is not None and r.device.ifa:
             ids.append(r.device.ifa)
@@ -154,27 +174,31 @@ class Auction:
                   if campaigns >> i & 1]
         user, counters = store.lookup(keys, [k for _, _, k in capped] if identity else [],
                                       deadline - now)
+        uncapped = campaigns
         for i, c, key in capped:  # unknown counts (no user id, store down) never break a cap
             if counters is None or counters.get(key, 0) >= c.frequency_cap.impressions:
-                campaigns &= ~(1 << i)
-        if not campaigns:
+                uncapped &= ~(1 << i)
+        if not uncapped:
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
+        if uncapped != campaigns:
+            plans = self.plan_imps(r, uncapped)
 
         shared = F.shared_indices(self.request_fields(r), user.segments, model.hash_bits)
         terms = self.scoring_terms(model)
         seats: dict[str, list[Bid]] = {}
-        reasons: list[str] = []
-        for imp in r.imp:
+        outcomes: list[ImpPlan | NoBid] = []
+        for plan in plans:
             if time.monotonic() >= deadline:
                 return NoBid("deadline")
-            bid = self.bid_imp(r, imp, campaigns, shared, terms, model, currency, identity)
+            bid = plan if isinstance(plan, NoBid) else self.bid_imp(
+                r, plan, shared, terms, model, currency, identity)
             if isinstance(bid, NoBid):
-                reasons.append(bid.reason)
+                outcomes.append(bid)
                 continue
             seat, b = bid
             seats.setdefault(seat, []).append(b)
         if not seats:  # the imp that came closest to a bid speaks for the request
-            return NoBid(min(reasons, key=IMP_REASON_RANK.index))
+            return closest_reason(outcomes)
         if time.monotonic() >= deadline:
             return NoBid("deadline")
         return BidResponse(id=r.id, cur=currency,
@@ -196,9 +220,12 @@ class Auction:
             "hour": int((time.time() // 60 + offset_min) // 60 % 24),
         }
 
-    def bid_imp(self, r: BidRequest, imp: Imp, campaigns: Bits, shared: np.ndarray,
-                terms: tuple[np.ndarray, ...], model, currency: str,
-                identity: str) -> tuple[str, Bid] | NoBid:
+    def plan_imps(self, r: BidRequest, campaigns: Bits) -> list[ImpPlan | NoBid]:
+        return [self.plan_imp(imp, campaigns) for imp in r.imp]
+
+    def plan_imp(self, imp: Imp, campaigns: Bits) -> ImpPlan | NoBid:
+        """The candidates that may bid on ``imp`` and the deal each campaign would bid through:
+        everything of an imp that does not need the user's features."""
         cat = self.catalog
         banner = imp.banner
         if banner is None:
@@ -238,7 +265,13 @@ class Auction:
         eligible = cat.eligible_candidates(campaigns, sizes, imp.secure == 1)
         if eligible.size == 0:
             return NoBid("no_creative_fits")
+        return ImpPlan(imp, eligible, deal_of)
 
+    def bid_imp(self, r: BidRequest, plan: ImpPlan, shared: np.ndarray,
+                terms: tuple[np.ndarray, ...], model, currency: str,
+                identity: str) -> tuple[str, Bid] | NoBid:
+        cat = self.catalog
+        imp, eligible, deal_of, pmp = plan.imp, plan.eligible, plan.deal_of, plan.imp.pmp
         open_floor = self.rates.to_usd(imp.bidfloor, imp.bidfloorcur)
         value = model.predict_proba_terms(shared, terms, eligible)
         value *= cat.cand_value_per_mille[eligible]  # expected CPM, USD

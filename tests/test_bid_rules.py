@@ -125,3 +125,22 @@ def test_open_auction_deal_campaign_below_its_deal_floor_bids_in_the_open_market
     req["imp"][0]["pmp"] = {"private_auction": 0, "deals": [{"id": "d1", "bidfloor": 0.02}]}
     [bid] = bids_of(server.bid(req)[2])
     assert bid["dealid"] == "d1" and bid["price"] >= 0.02  # reaching the deal floor: the deal
+
+
+def _feature_lookups(server) -> float:
+    text = server.request("GET", "/metrics")[2].decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("bidder_feature_store_lookups_total{"))
+
+
+def test_requests_no_imp_can_take_cost_no_memcached_round_trip(server):
+    before = _feature_lookups(server)
+    video = site_request()
+    video["imp"] = [{"id": "1", "video": {"mimes": ["video/mp4"], "w": 640, "h": 360}}]
+    status, headers, _ = server.bid(video)
+    assert status == 204 and headers["x-nobid-reason"] == "no_banner_imp"
+    status, headers, _ = server.bid(site_request(w=1, h=1))
+    assert status == 204 and headers["x-nobid-reason"] == "no_creative_fits"
+    assert _feature_lookups(server) == before
+    assert server.bid(site_request())[0] == 200
+    assert _feature_lookups(server) == before + 1
