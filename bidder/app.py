@@ -32,7 +32,10 @@ from server_hooks.worker import READY_AT
 log = logging.getLogger("bidder.app")
 
 OPENRTB_VERSION = "2.6"
-JSON_TYPES = ("application/json", "text/json", "text/plain")  # text/plain: some exchanges' SDKs
+# text/plain: some exchanges' SDKs; none: 2.6 2.3 "If the content-type is missing, the bidder
+# should assume the type is application/json"
+JSON_TYPES = ("application/json", "text/json", "text/plain", "")
+NOT_UTF8 = ("utf-16", "utf-16le", "utf-16be", "utf-32", "utf-32le", "utf-32be")  # RFC 8259 8.1
 # gzip with a 2 KiB window and small state: a BidResponse is a few KiB at most, and the
 # default 32 KiB window cost 38 us a response in setting up, against 7 us.
 GZIP_WBITS = 16 + 11
@@ -89,10 +92,15 @@ class BidResource:
         # Arrival: when the worker's poller saw the bytes (set by the balanced worker), so time
         # spent queued behind other requests of the same poll counts against tmax.
         arrived = req.env.get(READY_AT) or time.monotonic()
+        status = 500  # what Falcon answers for anything but an HTTPError
         try:
             self._bid(req, resp, arrived)
+            status = resp.status_code
+        except falcon.HTTPError as exc:  # its status is set on the response only after we return
+            status = exc.status_code
+            raise
         finally:
-            metrics.child(metrics.REQUESTS, str(resp.status_code)).inc()
+            metrics.child(metrics.REQUESTS, str(status)).inc()
             metrics.LATENCY.observe(time.monotonic() - arrived)
 
     def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
@@ -126,16 +134,22 @@ class BidResource:
         metrics.BIDS.inc(sum(len(sb.bid) for sb in outcome.seatbid))
 
     def _read_body(self, req: falcon.Request) -> bytes:
-        ctype = (req.content_type or "").split(";", 1)[0].strip().lower()
-        if ctype not in JSON_TYPES:
+        ctype, _, params = (req.content_type or "").lower().partition(";")
+        if ctype.strip() not in JSON_TYPES:
             raise UnsupportedMediaType(
-                f"Content-Type {req.content_type or '(none)'} is not supported: send the "
-                "BidRequest as application/json")
+                f"Content-Type {req.content_type} is not supported: send the BidRequest as "
+                "application/json")
+        charset = params.partition("charset=")[2].split(";", 1)[0].strip(' "')
+        if charset in NOT_UTF8:
+            raise UnsupportedMediaType(f"charset {charset} is not supported: JSON between "
+                                       "systems is UTF-8 (RFC 8259 8.1); send it as UTF-8")
         length = req.content_length
         if length is not None and length > self.max_body:
             raise PayloadTooLarge(f"body of {length} bytes is over the {self.max_body}-byte limit")
+        # no Content-Length: a chunked body (Gunicorn decodes it in wsgi.input), or none at all
+        stream = req.bounded_stream if length is not None else req.stream
         try:
-            body = req.bounded_stream.read(self.max_body + 1)
+            body = stream.read(self.max_body + 1)
         except OSError as exc:  # stalled past the socket timeout, reset, or cut short
             raise BadRequest(f"request body not received in full ({exc}): send all the "
                              "bytes its Content-Length announces, without stalling")

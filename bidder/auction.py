@@ -17,6 +17,7 @@ import numpy as np
 
 from bidder.catalog import Bits, Catalog
 from bidder.currency import Rates
+from bidder.domains import domain_and_parents, host_of
 from bidder.featurestore import FeatureStore, frequency_key, user_key
 from bidder.ledger import Ledger
 from bidder.notices import NoticeSigner
@@ -35,17 +36,29 @@ def country_of(r: BidRequest) -> str | None:
     """The user's country: ``device.geo``, else ``user.geo`` (2.6 recommends device.geo)."""
     for geo in (r.device.geo if r.device else None, r.user.geo if r.user else None):
         if geo is not None and geo.country:
-            return geo.country
+            return geo.country.upper()  # ISO-3166-1 alpha-3, whatever the sender's case
     return None
 
 
-def domain_and_parents(domain: str | None) -> list[str]:
-    """``www.News.example`` -> ``["www.news.example", "news.example", "example"]``: a listed
-    domain matches itself and its subdomains, whatever the case."""
-    if not domain:
+def inventory_domains(r: BidRequest) -> list[str]:
+    """The domains a request's inventory goes by, with their parents: ``site.domain`` (else the
+    host of ``site.page``, which many requests carry alone) or ``app.domain``, the publisher's
+    domain, and the app bundle. Allow and block lists are checked against all of them, so a
+    block cannot be dodged by naming the site another way."""
+    site, app = r.site, r.app
+    if site is not None:
+        domains = domain_and_parents(host_of(site.domain) or host_of(site.page))
+        publisher = site.publisher
+    elif app is not None:
+        domains = domain_and_parents(host_of(app.domain))
+        publisher = app.publisher
+    else:
         return []
-    labels = domain.lower().strip(".").split(".")
-    return [".".join(labels[i:]) for i in range(len(labels))]
+    if publisher is not None and publisher.domain:
+        domains += domain_and_parents(host_of(publisher.domain))
+    if app is not None and app.bundle:
+        domains.append(app.bundle.lower())
+    return domains
 
 
 @dataclass(frozen=True)
@@ -126,18 +139,22 @@ class Auction:
                              device.os.lower() if device and device.os else None)
         if not bits:
             return NoBid("no_campaign_targets_user")
-        domain = r.site.domain if r.site else (r.app.domain if r.app else None)
-        bundle = r.app.bundle if r.app else None
         # domains match case-insensitively and cover their subdomains (www.x.example is x.example)
-        inventory = domain_and_parents(domain) + ([bundle.lower()] if bundle else [])
+        inventory = inventory_domains(r)
         if cat.by_domain_allow:
             bits &= cat.any_domain | cat.any_of(cat.by_domain_allow, inventory)
         bits &= ~cat.any_of(cat.by_domain_block, inventory)
         if not bits:
             return NoBid("no_campaign_targets_inventory")
-        blocked_advertisers = [d for a in r.badv or () for d in domain_and_parents(a)]
-        bits &= ~(cat.any_of(cat.by_cat, r.bcat) | cat.any_of(cat.by_adomain, blocked_advertisers)
+        if (r.bcat or r.acat) and r.cattax not in (None, 1):  # only Content Category 1.0 known
+            return NoBid("category_taxonomy_unknown")
+        # a blocked advertiser domain covers its subdomains (by_adomain lists their parents)
+        blocked_advertisers = [a.strip().lower().strip(".") for a in r.badv or ()]
+        bits &= ~(cat.any_of(cat.by_cat, [k.upper() for k in r.bcat or ()])
+                  | cat.any_of(cat.by_adomain, blocked_advertisers)
                   | cat.any_of(cat.by_bundle, [b.lower() for b in r.bapp or ()]))
+        if r.acat:
+            bits &= cat.allowed_by_categories(r.acat)
         if not bits:
             return NoBid("blocked_by_request")
         if r.wseat:
@@ -175,8 +192,12 @@ class Auction:
         user, counters = store.lookup(keys, [k for _, _, k in capped] if identity else [],
                                       deadline - now)
         uncapped = campaigns
+        allowance: dict[int, int] = {}  # capped campaign -> impressions it may still bid for
         for i, c, key in capped:  # unknown counts (no user id, store down) never break a cap
-            if counters is None or counters.get(key, 0) >= c.frequency_cap.impressions:
+            left = 0 if counters is None else c.frequency_cap.impressions - counters.get(key, 0)
+            if left > 0:
+                allowance[i] = left
+            else:
                 uncapped &= ~(1 << i)
         if not uncapped:
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
@@ -187,7 +208,7 @@ class Auction:
         terms = self.scoring_terms(model)
         seats: dict[str, list[Bid]] = {}
         outcomes: list[ImpPlan | NoBid] = []
-        for plan in plans:
+        for n, plan in enumerate(plans):
             if time.monotonic() >= deadline:
                 return NoBid("deadline")
             bid = plan if isinstance(plan, NoBid) else self.bid_imp(
@@ -197,6 +218,13 @@ class Auction:
                 continue
             seat, b = bid
             seats.setdefault(seat, []).append(b)
+            i = self.catalog.index[b.cid]
+            if i in allowance:  # the imps of one request count against a cap as well
+                allowance[i] -= 1
+                if not allowance[i]:
+                    uncapped &= ~(1 << i)
+                    plans[n + 1:] = [self.plan_imp(p.imp, uncapped, r.at)
+                                     if isinstance(p, ImpPlan) else p for p in plans[n + 1:]]
         if not seats:  # the imp that came closest to a bid speaks for the request
             return closest_reason(outcomes)
         if time.monotonic() >= deadline:
@@ -221,9 +249,9 @@ class Auction:
         }
 
     def plan_imps(self, r: BidRequest, campaigns: Bits) -> list[ImpPlan | NoBid]:
-        return [self.plan_imp(imp, campaigns) for imp in r.imp]
+        return [self.plan_imp(imp, campaigns, r.at) for imp in r.imp]
 
-    def plan_imp(self, imp: Imp, campaigns: Bits) -> ImpPlan | NoBid:
+    def plan_imp(self, imp: Imp, campaigns: Bits, auction_type: int) -> ImpPlan | NoBid:
         """The candidates that may bid on ``imp`` and the deal each campaign would bid through:
         everything of an imp that does not need the user's features."""
         cat = self.catalog
@@ -250,6 +278,8 @@ class Auction:
                 hit = cat.by_deal.get(deal.id, 0) & campaigns & ~in_deal
                 if not hit or not self.rates.knows(deal.bidfloorcur):
                     continue
+                if (deal.at or auction_type) == 3 and not deal.bidfloor:
+                    continue  # a fixed-price deal whose price (bidfloor) was not given
                 if deal.wseat:
                     hit &= cat.any_of(cat.by_seat, deal.wseat)
                 if deal.wadomain:
@@ -262,7 +292,8 @@ class Auction:
                 campaigns &= in_deal
                 if not campaigns:
                     return NoBid("no_deal_in_private_auction")
-        eligible = cat.eligible_candidates(campaigns, sizes, imp.secure == 1)
+        eligible = cat.eligible_candidates(campaigns, sizes, imp.secure == 1,
+                                           tuple(banner.btype) if banner.btype else ())
         if eligible.size == 0:
             return NoBid("no_creative_fits")
         return ImpPlan(imp, eligible, deal_of)
@@ -292,6 +323,8 @@ class Auction:
         campaign, creative = cat.candidates[int(eligible[best])]
         deal = deal_of[int(camp[best])] if deal_of and via_deal[best] else None
         auction_type = deal.at if deal is not None and deal.at else r.at  # a deal's own at wins
+        # at 3 (fixed price) exists for deals only; elsewhere an unknown at is bid as second price
+        fixed_price = deal is not None and auction_type == 3
         price_usd = best_value * FIRST_PRICE_SHADE if auction_type == 1 else best_value
         price = self.rates.from_usd(max(price_usd, floor_usd), currency)
         floor_cur, floor = ((deal.bidfloorcur, deal.bidfloor) if deal is not None
@@ -299,7 +332,7 @@ class Auction:
         # never under the floor in the response currency, exact when it is the floor's own
         floor_price = floor if floor_cur == currency else self.rates.from_usd(floor_usd, currency)
         # Deal.at 3: "the value passed in bidfloor is the agreed upon deal price"
-        price = floor_price if auction_type == 3 else max(price, floor_price)
+        price = floor_price if fixed_price else max(price, floor_price)
         bid_id = os.urandom(8).hex()
         nurl, burl = self.signer.urls(bid_id, imp.id, campaign.id, creative.id, identity,
                                       currency, r.test, price)

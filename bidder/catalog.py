@@ -16,6 +16,10 @@ import msgspec
 import numpy as np
 
 from bidder.currency import Rates, to_micros
+from bidder.domains import domain_and_parents
+
+
+BANNER_TYPES = (1, 2, 3, 4)  # OpenRTB banner ad types: XHTML text, XHTML banner, JavaScript, iframe
 
 
 class Creative(msgspec.Struct, forbid_unknown_fields=True):
@@ -23,6 +27,7 @@ class Creative(msgspec.Struct, forbid_unknown_fields=True):
     w: int
     h: int
     adm: str
+    type: int = 2  # banner ad type (BANNER_TYPES), what an imp's banner.btype may block
 
 
 class FrequencyCap(msgspec.Struct, forbid_unknown_fields=True):
@@ -128,6 +133,9 @@ def _validate(c: Campaign, rates: Rates) -> None:
             fail("creatives", f"creative {cr.id!r} needs positive w and h")
         if not cr.adm:
             fail("creatives", f"creative {cr.id!r} has an empty adm")
+        if cr.type not in BANNER_TYPES:
+            fail("creatives", f"creative {cr.id!r}: type must be one of {BANNER_TYPES} (1 XHTML "
+                              "text, 2 XHTML banner, 3 JavaScript, 4 iframe)")
     if c.budget is not None and not c.budget > 0:
         fail("budget", "must be a positive amount (or absent for no cap)")
     if c.frequency_cap is not None and (c.frequency_cap.impressions <= 0
@@ -172,10 +180,15 @@ class Catalog:
         # imp.secure=1 needs HTTPS assets and markup: a creative with any http:// URL is out
         self.cand_secure = np.array(["http://" not in cr.adm.lower() for _, cr in self.candidates],
                                     dtype=bool)
+        self._by_type = {t: np.array([cr.type == t for _, cr in self.candidates], dtype=bool)
+                         for t in BANNER_TYPES}
+        # a campaign's categories with their tier-1 parents ("IAB18-1" -> "IAB18"), for acat
+        self.categories = [{(k.upper(), k.upper().split("-")[0]) for k in c.cat}
+                           for c in self.campaigns]
         self._by_size: dict[tuple[int, int], np.ndarray] = {}
         for k, (_, cr) in enumerate(self.candidates):
             self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
-        self._eligible: dict[tuple[Bits, tuple[tuple[int, int], ...], bool], np.ndarray] = {}
+        self._eligible: dict[tuple, np.ndarray] = {}
 
         def allow(values_of) -> tuple[dict, Bits]:
             """value -> campaigns targeting it or not targeting that dimension; the untargeted."""
@@ -195,15 +208,17 @@ class Catalog:
             return table
 
         t = lambda c: c.targeting or Targeting()  # noqa: E731
-        self.by_country, self.any_country = allow(lambda c: t(c).countries)
+        self.by_country, self.any_country = allow(lambda c: [k.upper() for k in t(c).countries])
         self.by_devicetype, self.any_devicetype = allow(lambda c: t(c).devicetypes)
         self.by_os, self.any_os = allow(lambda c: [o.lower() for o in t(c).oses])
         self.by_domain_allow, self.any_domain = allow(
             lambda c: [d.lower() for d in t(c).domains_allow])
         self.by_domain_block = member(lambda c: [d.lower() for d in t(c).domains_block])
         # a blocked IAB category also blocks its subcategories ("IAB18" blocks "IAB18-1")
-        self.by_cat = member(lambda c: {p for cat in c.cat for p in (cat, cat.split("-")[0])})
-        self.by_adomain = member(lambda c: [d.lower() for d in c.adomain])
+        self.by_cat = member(lambda c: {p for k in c.cat for p in (k.upper(), k.upper().split("-")[0])})
+        # an advertiser domain is also listed under its parents: blocking "ford.example"
+        # (badv) blocks "shop.ford.example" too
+        self.by_adomain = member(lambda c: {p for d in c.adomain for p in domain_and_parents(d)})
         self.by_bundle = member(lambda c: [c.bundle.lower()] if c.bundle else [])
         self.by_seat = member(lambda c: [c.seat])
         self.by_deal = member(lambda c: c.deals)
@@ -227,12 +242,19 @@ class Catalog:
         """Whether some creative of the catalog has one of ``sizes``."""
         return any(size in self._by_size for size in sizes)
 
+    def allowed_by_categories(self, acat: list[str]) -> Bits:
+        """Campaigns whose every category is in ``acat``, itself or by its tier-1 parent (a
+        campaign without categories cannot show it is allowed)."""
+        allowed = {k.upper() for k in acat}
+        return sum(1 << i for i, cats in enumerate(self.categories)
+                   if cats and all(k in allowed or parent in allowed for k, parent in cats))
+
     def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...],
-                            secure: bool) -> np.ndarray:
-        """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes`` (and
-        only HTTPS URLs when ``secure``); read-only, cached: requests fall into few distinct
-        campaign sets and sizes."""
-        key = (campaigns, sizes, secure)
+                            secure: bool, blocked_types: tuple[int, ...]) -> np.ndarray:
+        """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes``, only
+        HTTPS URLs when ``secure`` and a type not in ``blocked_types``; read-only, cached:
+        requests fall into few distinct campaign sets and sizes."""
+        key = (campaigns, sizes, secure, blocked_types)
         eligible = self._eligible.get(key)
         if eligible is None:
             packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
@@ -243,6 +265,8 @@ class Catalog:
                 fits |= self._by_size.get(size, False)
             if secure:
                 fits &= self.cand_secure
+            for t in blocked_types:
+                fits &= ~self._by_type.get(t, False)
             eligible = np.flatnonzero(mask & fits)
             eligible.flags.writeable = False
             if len(self._eligible) >= ELIGIBLE_CACHE_SIZE:

@@ -26,6 +26,8 @@ from bidder import metrics
 log = logging.getLogger("bidder.featurestore")
 
 KEY_PREFIX = "u:"
+PROBE_KEY = "readyz-probe"  # read by /readyz when no look-up reached memcached lately
+STATUS_FRESH_S = 5.0
 MAX_PLAIN_ID = 200  # memcached keys are at most 250 bytes of printable ASCII without spaces
 
 
@@ -114,6 +116,7 @@ class FeatureStore:
                        timeout=timeout_ms / 1000.0, no_delay=True, default_noreply=False)
         self.client: Client | HashClient | None = None
         self._down_until = 0.0  # one server: after a fault, no look-ups until then
+        self._answered_at = float("-inf")  # when memcached last answered a look-up
         if len(servers) == 1:  # no ring to walk: the plain client, ~6 % of a bid's CPU less
             self.client = Client(servers[0], **options)
         elif servers:  # HashClient drops a failed server from the ring for retry_ms
@@ -142,10 +145,7 @@ class FeatureStore:
             self.last_error = f"{type(exc).__name__}: {exc}"
             metrics.child(metrics.FEATURE_STORE, "error").inc()
             return DEFAULT_FEATURES, None
-        if self.last_error is not None:
-            log.info("memcached %s answers again", self.servers)
-            self.last_error = None
-            self._down_until = 0.0
+        self._answered()
         counters = {k: found[k] for k in counter_keys if isinstance(found.get(k), int)}
         for key in user_keys:
             features = found.get(key)
@@ -166,8 +166,24 @@ class FeatureStore:
             log.warning("frequency counter %s not updated (%s): the cap may let one more through",
                         key, exc)
 
+    def _answered(self) -> None:
+        self._answered_at = time.monotonic()
+        if self.last_error is not None:
+            log.info("memcached %s answers again", self.servers)
+            self.last_error = None
+            self._down_until = 0.0
+
     def status(self) -> dict:
+        """For ``/readyz``: memcached as last seen, probed first when no look-up reached it
+        lately (so a server that never answered is not reported ok)."""
         if self.client is None:
             return {"ok": True, "servers": [], "note": "no feature store configured"}
+        if time.monotonic() - self._answered_at > STATUS_FRESH_S \
+                and not (self._down_until and time.monotonic() < self._down_until):
+            try:
+                self.client.get(PROBE_KEY)
+                self._answered()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
         return {"ok": self.last_error is None,
                 "servers": [f"{h}:{p}" for h, p in self.servers], "last_error": self.last_error}

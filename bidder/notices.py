@@ -16,9 +16,14 @@ from urllib.parse import quote
 import msgspec
 
 PRICE_MACRO = "${AUCTION_PRICE}"
-# Exchanges may render the clearing price rounded (to cents, say): that is no reason to lose the
-# notice. Above our bid by more than a cent CPM, it is not our auction's price.
-PRICE_TOLERANCE = 0.01 + 1e-9  # and float rounding of the comparison itself
+# Exchanges may render the clearing price rounded (to cents, or whole yen): that is no reason to
+# lose the notice. Above our bid by more than one minor unit of its currency (a cent CPM, a yen
+# CPM), it is not our auction's price.
+PRICE_TOLERANCE = 0.01
+ROUNDING = 1e-9  # float rounding of the comparison itself
+# ISO 4217 currencies without a minor unit: prices in them are rendered in whole units
+WHOLE_UNIT_CURRENCIES = frozenset(
+    "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF".split())
 SIGNED_FIELDS = ("b", "i", "c", "r", "u", "cur", "t", "bp")
 QUERY = "&".join(f"{name}={{}}" for name in SIGNED_FIELDS)
 KINDS = ("win", "billing")
@@ -85,6 +90,7 @@ class NoticeSigner:
         if not math.isfinite(price) or price < 0:
             raise NoticeError(f"clearing price {raw_price!r} must be a finite amount >= 0")
         bid_price = float(params["bp"])
-        if price > bid_price + PRICE_TOLERANCE:
+        tolerance = 1.0 if params["cur"].upper() in WHOLE_UNIT_CURRENCIES else PRICE_TOLERANCE
+        if price > bid_price + tolerance + ROUNDING:
             raise NoticeError(f"clearing price {price} is above our bid {bid_price}")
         return dict(zip(SIGNED_FIELDS, values)), price

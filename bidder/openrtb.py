@@ -3,7 +3,10 @@
 Only the objects and fields the bidder reads are declared; every other field
 (``ext``, ``regs``, ``source``, video, native...) is skipped by the decoder
 without being built. Types are strict: ``"bidfloor": "0.5"`` is a 400, as the
-specification types it as a float. Field names and defaults follow 2.6.md.
+specification types it as a float; ``null`` means absent (some exchange stacks
+write absent optionals as null). Field names and defaults follow 2.6.md; an
+enumerated value this bidder does not know (``at: 3``) is tolerated, as 2.6's
+versioning rules require, not refused.
 """
 from __future__ import annotations
 
@@ -26,15 +29,15 @@ class Banner(Struct, omit_defaults=True):
 
 class Deal(Struct, omit_defaults=True):
     id: str
-    bidfloor: float = 0.0
-    bidfloorcur: str = "USD"
+    bidfloor: float | None = 0.0  # None (null) is made the default by decode_request
+    bidfloorcur: str | None = "USD"
     at: int | None = None
     wseat: list[str] | None = None
     wadomain: list[str] | None = None
 
 
 class Pmp(Struct, omit_defaults=True):
-    private_auction: int = 0
+    private_auction: int | None = 0
     deals: list[Deal] | None = None
 
 
@@ -43,10 +46,9 @@ class Imp(Struct, omit_defaults=True):
     banner: Banner | None = None
     pmp: Pmp | None = None
     tagid: str | None = None
-    bidfloor: float = 0.0
-    bidfloorcur: str = "USD"
+    bidfloor: float | None = 0.0
+    bidfloorcur: str | None = "USD"
     secure: int | None = None
-    instl: int = 0
 
 
 class Publisher(Struct, omit_defaults=True):
@@ -104,13 +106,15 @@ class BidRequest(Struct, omit_defaults=True):
     app: App | None = None
     device: Device | None = None
     user: User | None = None
-    test: int = 0
-    at: int = 2
+    test: int | None = 0
+    at: int | None = 2
     tmax: int | None = None
     wseat: list[str] | None = None
     bseat: list[str] | None = None
     cur: list[str] | None = None
+    cattax: int | None = None  # taxonomy of bcat/acat; absent = 1 (IAB Content Category 1.0)
     bcat: list[str] | None = None
+    acat: list[str] | None = None
     badv: list[str] | None = None
     bapp: list[str] | None = None
 
@@ -150,6 +154,7 @@ RESPONSE_ENCODER = msgspec.json.Encoder()
 
 
 MAX_TMAX_MS = 2**31 - 1  # ~24 days; JSON integers are unbounded, and past ~1e308 not even a float
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class InvalidRequest(ValueError):
@@ -157,11 +162,23 @@ class InvalidRequest(ValueError):
 
 
 def decode_request(body: bytes) -> BidRequest:
-    """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``."""
+    """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``.
+
+    A leading UTF-8 byte order mark is skipped (RFC 8259 8.1: receivers may ignore it).
+    """
+    if body.startswith(UTF8_BOM):
+        body = body[len(UTF8_BOM):]
     try:
         request = REQUEST_DECODER.decode(body)
     except RecursionError:  # msgspec's depth limit, e.g. "ext": [[[[...]]]]; not a DecodeError
         raise InvalidRequest("JSON is nested too deeply for a BidRequest") from None
+    except UnicodeDecodeError as exc:  # a string field with bytes that are not UTF-8
+        raise InvalidRequest(f"body is not valid UTF-8 ({exc.reason} at byte {exc.start} of a "
+                             "string): send the BidRequest as UTF-8 JSON") from None
+    if request.test is None:
+        request.test = 0
+    if request.at is None:
+        request.at = 2
     if not request.id:
         raise InvalidRequest("BidRequest.id must be a non-empty string")
     if not request.imp:
@@ -173,21 +190,26 @@ def decode_request(body: bytes) -> BidRequest:
         if imp.id in seen:
             raise InvalidRequest(f"duplicate Imp.id {imp.id!r}: imp ids must be unique in a request")
         seen.add(imp.id)
-        if imp.bidfloor < 0:
+        if imp.bidfloor is None:
+            imp.bidfloor = 0.0
+        elif imp.bidfloor < 0:
             raise InvalidRequest(f"Imp {imp.id!r}: bidfloor must be >= 0")
-        imp.bidfloorcur = imp.bidfloorcur.upper()  # ISO-4217 codes, whatever the sender's case
-        if imp.pmp and imp.pmp.deals:
-            for deal in imp.pmp.deals:
-                if deal.bidfloor < 0:
+        # ISO-4217 codes, whatever the sender's case
+        imp.bidfloorcur = imp.bidfloorcur.upper() if imp.bidfloorcur else "USD"
+        if imp.pmp:
+            if imp.pmp.private_auction is None:
+                imp.pmp.private_auction = 0
+            for deal in imp.pmp.deals or ():
+                if deal.bidfloor is None:
+                    deal.bidfloor = 0.0
+                elif deal.bidfloor < 0:
                     raise InvalidRequest(f"Imp {imp.id!r} deal {deal.id!r}: bidfloor must be >= 0")
-                deal.bidfloorcur = deal.bidfloorcur.upper()
+                deal.bidfloorcur = deal.bidfloorcur.upper() if deal.bidfloorcur else "USD"
     if request.cur:
         request.cur = [c.upper() for c in request.cur]
     if request.tmax is not None and not 0 < request.tmax <= MAX_TMAX_MS:
         raise InvalidRequest(
             f"tmax must be a positive number of milliseconds, at most {MAX_TMAX_MS}")
-    if request.at not in (1, 2) and request.at < 500:
-        raise InvalidRequest("at must be 1 (first price), 2 (second price) or an exchange value >= 500")
     return request
 
 

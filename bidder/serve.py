@@ -24,6 +24,7 @@ from bidder.settings import Settings
 from server_hooks.pinning import CpuMapError
 
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+log = logging.getLogger("bidder.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +119,21 @@ def check_bind(bind: str) -> str | None:
     return None
 
 
+def notice_warnings(s: Settings) -> list[str]:
+    """What about the notice settings would lose or expose money in production."""
+    warnings = []
+    host = s.bind.rpartition(":")[0].strip("[]")
+    if not s.notice_url and (host in ("0.0.0.0", "::", "") or host.startswith("127.")
+                             or host in ("localhost", "::1")):
+        warnings.append(f"win/billing notice URLs point at http://{s.bind}, which an exchange "
+                        "cannot call back: no spend or frequency would be booked. Set --notice-url "
+                        "to the address exchanges reach this host at")
+    if s.notice_secret == settings_mod.DEFAULT_NOTICE_SECRET:
+        warnings.append("notice URLs are signed with the default --notice-secret, which anyone "
+                        "can read: set a secret of your own (BIDDER_NOTICE_SECRET)")
+    return warnings
+
+
 def serve(s: Settings) -> int:
     problem = check_bind(s.bind)
     if problem:
@@ -126,6 +142,8 @@ def serve(s: Settings) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="bidder-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
     logging.basicConfig(level=s.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    for warning in notice_warnings(s):
+        log.warning("%s (fine for a local test)", warning)
     master = os.getpid()
     try:
         try:

@@ -15,6 +15,7 @@ from typing import Any
 
 ENV_PREFIX = "BIDDER_"
 SERVE_COMMANDS = ("serve", "demo", "ab")
+DEFAULT_NOTICE_SECRET = "change-me"  # public: serve warns when it is still in use
 
 
 def _bool(text: str | bool) -> bool:
@@ -106,8 +107,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("notice_url", "--notice-url", None,
             "Base URL the exchange calls back for win/billing notices; default: http://BIND.",
             metavar="URL"),
-    Setting("notice_secret", "--notice-secret", "change-me",
-            "HMAC key that signs win/billing notice URLs so forged notices are refused."),
+    Setting("notice_secret", "--notice-secret", DEFAULT_NOTICE_SECRET,
+            "Key that signs win/billing notice URLs (keyed BLAKE2b) so forged notices are "
+            "refused; the default is public: set your own in production."),
     # --- bid path -------------------------------------------------------------------------------
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.", type=int),

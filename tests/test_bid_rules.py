@@ -10,7 +10,7 @@ import json
 import pytest
 
 from bidder.app import accepts_gzip
-from bidder.auction import domain_and_parents
+from bidder.domains import domain_and_parents, host_of
 from tests.conftest import launch_server
 from tests.test_bid_http import CATALOG, bids_of, site_request
 from tests.test_money_and_faults import notice_path
@@ -38,11 +38,13 @@ def test_domain_blocks_ignore_case_and_cover_subdomains(server):
                                                       "example"]
 
 
-def test_badv_and_bapp_ignore_case(server):
+def test_badv_and_bapp_ignore_case_and_cover_subdomains(server):
     status, headers, _ = server.bid(site_request(badv=["SHOES.example"]))
     assert status == 204 and headers["x-nobid-reason"] == "blocked_by_request"
-    status, _, _ = server.bid(site_request(badv=["www.shoes.example"]))
-    assert status == 204
+    # a blocked domain covers its subdomains, not its parents (2.6 3.2.1 badv: "ford.com")
+    status, headers, _ = server.bid(site_request(badv=[" example."]))
+    assert status == 204 and headers["x-nobid-reason"] == "blocked_by_request"
+    assert server.bid(site_request(badv=["www.shoes.example"]))[0] == 200
     app = site_request(country="GBR", w=320, h=50, bapp=["COM.EXAMPLE.GAME"])
     del app["site"]
     app["app"] = {"bundle": "com.example.puzzle"}

@@ -1,0 +1,20 @@
+"""Domain names as the bid rules compare them: lower case, a domain standing for its subdomains."""
+from __future__ import annotations
+
+
+def domain_and_parents(domain: str | None) -> list[str]:
+    """``www.News.example`` -> ``["www.news.example", "news.example", "example"]``: a listed
+    domain matches itself and its subdomains, whatever the case."""
+    if not domain:
+        return []
+    labels = domain.strip().lower().strip(".").split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
+
+
+def host_of(url: str | None) -> str | None:
+    """The host of ``https://user@Host.example:8443/path?q`` (scheme optional): ``Host.example``."""
+    if not url:
+        return None
+    rest = url.strip().partition("//")[2] or url.strip()
+    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host or None

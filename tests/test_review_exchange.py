@@ -1,0 +1,172 @@
+"""Review 2, an exchange integrator's checks: request encodings and framing, enumerations the
+bidder does not know, category taxonomies and allow-lists, banner types, inventory named by
+page only, caps across the imps of one request, rounded prices in whole-unit currencies, and
+what /metrics and /readyz report."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from bidder.domains import host_of
+from tests.conftest import launch_server
+from tests.test_bid_http import CATALOG, bids_of, site_request
+from tests.test_money_and_faults import notice_path
+
+
+@pytest.fixture(scope="module")
+def server(memcached, tmp_path_factory):
+    srv = launch_server(tmp_path_factory.mktemp("review-exchange"), "--workers", "1",
+                        "--campaigns", CATALOG, "--currency-rates", "EUR=1.10,JPY=0.0070",
+                        "--memcached-timeout-ms", "100", memcached=memcached.address)
+    yield srv
+    srv.stop()
+
+
+def _requests_by_status(server) -> dict[str, float]:
+    text = server.request("GET", "/metrics")[2].decode()
+    prefix = 'bidder_bid_requests_total{status="'
+    return {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+def test_invalid_utf8_is_a_400_that_says_so(server):
+    body = json.dumps(site_request()).encode().replace(b'"req-1"', b'"req-\xe9"')
+    status, _, answer = server.bid(body)
+    assert status == 400 and "UTF-8" in json.loads(answer)["error"]
+    body = json.dumps(site_request()).encode().replace(b'"news.example"', b'"\xed\xa0\x80"')
+    assert server.bid(body)[0] == 400
+
+
+def test_a_leading_byte_order_mark_is_skipped_and_utf16_refused(server):
+    assert server.bid(b"\xef\xbb\xbf" + json.dumps(site_request()).encode())[0] == 200
+    status, _, answer = server.bid(json.dumps(site_request()).encode(),
+                                   {"Content-Type": "application/json; charset=UTF-16"})
+    assert status == 415 and "UTF-8" in json.loads(answer)["error"]
+
+
+def test_chunked_bodies_are_read(server):
+    body = json.dumps(site_request()).encode()
+    chunks = (body[i:i + 100] for i in range(0, len(body), 100))
+    status, _, answer = server.request("POST", "/openrtb2/bid", chunks,
+                                       {"Content-Type": "application/json"})
+    assert status == 200 and bids_of(answer)
+    packed = gzip.compress(body)
+    status, _, _ = server.request("POST", "/openrtb2/bid", iter([packed[:50], packed[50:]]),
+                                  {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert status == 200
+
+
+def test_a_missing_content_type_is_json(server):
+    status, _, _ = server.request("POST", "/openrtb2/bid", json.dumps(site_request()).encode())
+    assert status == 200
+    status, _, _ = server.request("POST", "/openrtb2/bid", b"{}",
+                                  {"Content-Type": "application/x-protobuf"})
+    assert status == 415
+
+
+def test_unknown_auction_types_are_tolerated_and_null_means_absent(server):
+    for at in (0, 3, 4, 499, 500):
+        status, _, body = server.bid(site_request(at=at, floor=0.5))
+        assert status == 200, (at, body)
+        assert bids_of(body)[0]["price"] >= 0.5
+    req = site_request(test=None, at=None)
+    req["imp"][0].update(bidfloor=None, bidfloorcur=None)
+    assert server.bid(req)[0] == 200
+
+
+def test_fixed_price_deal_without_a_price_is_not_bid_at_zero(server):
+    req = site_request(country="DEU")
+    req["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "d1", "at": 3}]}
+    status, headers, _ = server.bid(req)
+    assert status == 204 and headers["x-nobid-reason"] == "no_deal_in_private_auction"
+    req["imp"][0]["pmp"]["deals"][0]["bidfloor"] = 1.5
+    [bid] = bids_of(server.bid(req)[2])
+    assert bid["dealid"] == "d1" and bid["price"] == 1.5
+
+
+def test_acat_allows_only_listed_categories_and_their_subcategories(server):
+    [bid] = bids_of(server.bid(site_request(acat=["IAB18"]))[2])  # jp-shoes is IAB18-1
+    assert bid["cid"] == "jp-shoes"
+    status, headers, _ = server.bid(site_request(acat=["IAB2", "IAB18-2"]))
+    assert status == 204 and headers["x-nobid-reason"] == "blocked_by_request"
+
+
+def test_bcat_in_another_taxonomy_is_not_guessed(server):
+    status, headers, _ = server.bid(site_request(cattax=7, bcat=["JLBCU7"]))
+    assert status == 204 and headers["x-nobid-reason"] == "category_taxonomy_unknown"
+    assert server.bid(site_request(cattax=1, bcat=["IAB1"]))[0] == 200
+    assert server.bid(site_request(cattax=7))[0] == 200  # no bcat/acat: nothing to evaluate
+
+
+def test_bcat_and_country_codes_in_any_case(server):
+    status, headers, _ = server.bid(site_request(bcat=["iab18"]))
+    assert status == 204 and headers["x-nobid-reason"] == "blocked_by_request"
+    assert server.bid(site_request(country="jpn"))[0] == 200
+
+
+def test_blocked_banner_types_exclude_the_creatives_of_that_type(server):
+    req = site_request()
+    req["imp"][0]["banner"]["btype"] = [2]  # XHTML banner ad: every creative of the catalog
+    status, headers, _ = server.bid(req)
+    assert status == 204 and headers["x-nobid-reason"] == "no_creative_fits"
+    req["imp"][0]["banner"]["btype"] = [1, 3, 4]
+    assert server.bid(req)[0] == 200
+
+
+def test_inventory_named_only_by_page_or_publisher_still_meets_domain_blocks(server):
+    for site in ({"page": "https://www.bad.example/article?x=1"},
+                 {"domain": " https://BAD.example/ "},
+                 {"domain": "news.example", "publisher": {"domain": "bad.example"}}):
+        status, headers, _ = server.bid(site_request(site=site))
+        assert status == 204 and headers["x-nobid-reason"] == "no_campaign_targets_inventory"
+    assert server.bid(site_request(site={"page": "https://news.example/a"}))[0] == 200
+    assert host_of("https://u@Host.example:8443/p?q") == "Host.example"
+    assert host_of("prebid.org") == "prebid.org" and host_of(None) is None
+
+
+def test_a_frequency_cap_holds_across_the_imps_of_one_request(server):
+    req = site_request(country="FRA", user={"id": "review2-fresh-user"})
+    req["imp"] = [{"id": str(n), "banner": {"w": 300, "h": 250}} for n in range(1, 4)]
+    status, _, body = server.bid(req)
+    assert status == 200
+    assert [b["cid"] for b in bids_of(body)] == ["capped"]  # cap: 1 impression
+
+
+def test_rounded_clearing_prices_in_whole_unit_currencies_are_booked(server):
+    [bid] = bids_of(server.bid(site_request(at=1, cur=["JPY"]))[2])
+    assert bid["price"] != int(bid["price"])
+    rounded_up = str(int(bid["price"]) + 1)  # the exchange renders yen without decimals
+    status, _, body = server.request("GET", notice_path(bid["burl"], rounded_up))
+    assert status == 200 and json.loads(body)["status"] == "booked"
+    status, _, _ = server.request("GET", notice_path(bid["nurl"], str(int(bid["price"]) + 2)))
+    assert status == 400
+
+
+def test_metrics_count_each_answer_under_its_own_status(server):
+    before = _requests_by_status(server)
+    server.bid(b"{not json")
+    server.bid(b"{}", {"Content-Type": "application/xml"})
+    server.bid(site_request())
+    after = _requests_by_status(server)
+    for status in ("400", "415", "200"):
+        assert after.get(status, 0) == before.get(status, 0) + 1, status
+
+
+def test_readyz_reports_memcached_it_has_not_reached(memcached, tmp_path):
+    srv = launch_server(tmp_path, "--workers", "1", "--campaigns", CATALOG,
+                        memcached="127.0.0.1:9")  # discard port: nothing listens
+    try:
+        ready = json.loads(srv.request("GET", "/readyz")[2])
+        assert ready["ready"] is True  # memcached only degrades
+        assert ready["components"]["memcached"]["ok"] is False
+        assert ready["components"]["memcached"]["last_error"]
+    finally:
+        srv.stop()
+
+
+def test_serve_warns_about_notice_settings_that_lose_or_expose_money(server):
+    log = server.log()
+    assert "--notice-url" in log and "--notice-secret" in log
+
