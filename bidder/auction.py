@@ -185,6 +185,8 @@ class Auction:
         ids = [i for i in ((r.user.buyeruid, r.user.id) if r.user else ()) if i]
         if r.device is not None and r.device.ifa:
             ids.append(r.device.ifa)
+        if r.regs is not None and r.regs.coppa == 1:  # COPPA: no user data, no profile, no caps
+            ids = []
         keys = [user_key(i) for i in ids]
         identity = keys[0] if keys else ""
         capped = [(i, c, frequency_key(c.id, identity)) for i, c in self._capped

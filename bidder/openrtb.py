@@ -99,6 +99,10 @@ class User(Struct, omit_defaults=True):
     geo: Geo | None = None
 
 
+class Regs(Struct, omit_defaults=True):
+    coppa: int | None = None  # 1: the request is subject to COPPA (directed to children)
+
+
 class BidRequest(Struct, omit_defaults=True):
     id: str
     imp: list[Imp]
@@ -106,6 +110,7 @@ class BidRequest(Struct, omit_defaults=True):
     app: App | None = None
     device: Device | None = None
     user: User | None = None
+    regs: Regs | None = None
     test: int | None = 0
     at: int | None = 2
     tmax: int | None = None

@@ -170,3 +170,12 @@ def test_serve_warns_about_notice_settings_that_lose_or_expose_money(server):
     log = server.log()
     assert "--notice-url" in log and "--notice-secret" in log
 
+
+
+def test_coppa_requests_use_no_user_data(server):
+    """regs.coppa=1: no behavioural profile and no frequency counts; campaigns that need
+    counts (capped) sit out, the others bid on request features alone."""
+    status, headers, _ = server.bid(site_request(country="FRA", regs={"coppa": 1}))
+    assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown"
+    [bid] = bids_of(server.bid(site_request(regs={"coppa": 1}))[2])
+    assert "&u=&" in bid["burl"]  # the notice carries no user key
