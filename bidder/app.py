@@ -134,15 +134,9 @@ class BidResource:
         metrics.BIDS.inc(sum(len(sb.bid) for sb in outcome.seatbid))
 
     def _read_body(self, req: falcon.Request) -> bytes:
-        ctype, _, params = (req.content_type or "").lower().partition(";")
-        if ctype.strip() not in JSON_TYPES:
-            raise UnsupportedMediaType(
-                f"Content-Type {req.content_type} is not supported: send the BidRequest as "
-                "application/json")
-        charset = params.partition("charset=")[2].split(";", 1)[0].strip(' "')
-        if charset in NOT_UTF8:
-            raise UnsupportedMediaType(f"charset {charset} is not supported: JSON between "
-                                       "systems is UTF-8 (RFC 8259 8.1); send it as UTF-8")
+        content_type = req.content_type
+        if content_type != "application/json":  # the common case needs no parsing
+            self._check_content_type(content_type or "")
         length = req.content_length
         if length is not None and length > self.max_body:
             raise PayloadTooLarge(f"body of {length} bytes is over the {self.max_body}-byte limit")
@@ -164,6 +158,18 @@ class BidResource:
         if not body:
             raise BadRequest("empty body: POST an OpenRTB 2.6 BidRequest as JSON")
         return body
+
+    @staticmethod
+    def _check_content_type(content_type: str) -> None:
+        media_type, _, params = content_type.lower().partition(";")
+        if media_type.strip() not in JSON_TYPES:
+            raise UnsupportedMediaType(
+                f"Content-Type {content_type} is not supported: send the BidRequest as "
+                "application/json")
+        charset = params.partition("charset=")[2].split(";", 1)[0].strip(' "')
+        if charset in NOT_UTF8:
+            raise UnsupportedMediaType(f"charset {charset} is not supported: JSON between "
+                                       "systems is UTF-8 (RFC 8259 8.1); send it as UTF-8")
 
     def _gunzip(self, data: bytes) -> bytes:
         """Inflate every member of a gzip body (RFC 1952: a gzip file is a series of members),

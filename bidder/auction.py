@@ -72,6 +72,7 @@ class ImpPlan:
 
     imp: Imp
     eligible: np.ndarray  # candidate indices
+    campaigns: Bits  # the campaigns of those candidates
     deal_of: dict[int, Deal]  # campaign index -> the deal it bids through
 
 
@@ -203,8 +204,8 @@ class Auction:
                 uncapped &= ~(1 << i)
         if not uncapped:
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
-        if uncapped != campaigns:
-            plans = self.plan_imps(r, uncapped)
+        if uncapped != campaigns:  # plan again the imps a capped campaign could have taken
+            plans = self.replan(plans, uncapped, r.at)
 
         shared = F.shared_indices(self.request_fields(r), user.segments, model.hash_bits)
         terms = self.scoring_terms(model)
@@ -225,8 +226,7 @@ class Auction:
                 allowance[i] -= 1
                 if not allowance[i]:
                     uncapped &= ~(1 << i)
-                    plans[n + 1:] = [self.plan_imp(p.imp, uncapped, r.at)
-                                     if isinstance(p, ImpPlan) else p for p in plans[n + 1:]]
+                    plans[n + 1:] = self.replan(plans[n + 1:], uncapped, r.at)
         if not seats:  # the imp that came closest to a bid speaks for the request
             return closest_reason(outcomes)
         if time.monotonic() >= deadline:
@@ -252,6 +252,12 @@ class Auction:
 
     def plan_imps(self, r: BidRequest, campaigns: Bits) -> list[ImpPlan | NoBid]:
         return [self.plan_imp(imp, campaigns, r.at) for imp in r.imp]
+
+    def replan(self, plans: list[ImpPlan | NoBid], campaigns: Bits,
+               auction_type: int) -> list[ImpPlan | NoBid]:
+        """``plans`` with fewer ``campaigns``: only the imps they were in are planned again."""
+        return [self.plan_imp(p.imp, campaigns, auction_type)
+                if isinstance(p, ImpPlan) and p.campaigns & ~campaigns else p for p in plans]
 
     def plan_imp(self, imp: Imp, campaigns: Bits, auction_type: int) -> ImpPlan | NoBid:
         """The candidates that may bid on ``imp`` and the deal each campaign would bid through:
@@ -294,11 +300,11 @@ class Auction:
                 campaigns &= in_deal
                 if not campaigns:
                     return NoBid("no_deal_in_private_auction")
-        eligible = cat.eligible_candidates(campaigns, sizes, imp.secure == 1,
-                                           tuple(banner.btype) if banner.btype else ())
-        if eligible.size == 0:
+        eligible, present = cat.eligible_candidates(campaigns, sizes, imp.secure == 1,
+                                                    tuple(banner.btype) if banner.btype else ())
+        if not present:
             return NoBid("no_creative_fits")
-        return ImpPlan(imp, eligible, deal_of)
+        return ImpPlan(imp, eligible, present, deal_of)
 
     def bid_imp(self, r: BidRequest, plan: ImpPlan, shared: np.ndarray,
                 terms: tuple[np.ndarray, ...], model, currency: str,

@@ -188,7 +188,7 @@ class Catalog:
         self._by_size: dict[tuple[int, int], np.ndarray] = {}
         for k, (_, cr) in enumerate(self.candidates):
             self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
-        self._eligible: dict[tuple, np.ndarray] = {}
+        self._eligible: dict[tuple, tuple[np.ndarray, Bits]] = {}
 
         def allow(values_of) -> tuple[dict, Bits]:
             """value -> campaigns targeting it or not targeting that dimension; the untargeted."""
@@ -250,13 +250,13 @@ class Catalog:
                    if cats and all(k in allowed or parent in allowed for k, parent in cats))
 
     def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...],
-                            secure: bool, blocked_types: tuple[int, ...]) -> np.ndarray:
+                            secure: bool, blocked_types: tuple[int, ...]) -> tuple[np.ndarray, Bits]:
         """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes``, only
-        HTTPS URLs when ``secure`` and a type not in ``blocked_types``; read-only, cached:
-        requests fall into few distinct campaign sets and sizes."""
+        HTTPS URLs when ``secure`` and a type not in ``blocked_types``, and the campaigns they
+        belong to; read-only, cached: requests fall into few campaign sets and sizes."""
         key = (campaigns, sizes, secure, blocked_types)
-        eligible = self._eligible.get(key)
-        if eligible is None:
+        found = self._eligible.get(key)
+        if found is None:
             packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
             per_campaign = np.unpackbits(packed, count=len(self.campaigns), bitorder="little")
             mask = per_campaign.view(bool)[self.cand_campaign]
@@ -269,7 +269,8 @@ class Catalog:
                 fits &= ~self._by_type.get(t, False)
             eligible = np.flatnonzero(mask & fits)
             eligible.flags.writeable = False
+            found = eligible, sum(1 << i for i in set(self.cand_campaign[eligible].tolist()))
             if len(self._eligible) >= ELIGIBLE_CACHE_SIZE:
                 self._eligible.clear()
-            self._eligible[key] = eligible
-        return eligible
+            self._eligible[key] = found
+        return found
