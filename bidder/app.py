@@ -252,6 +252,8 @@ class HealthResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"status": "ok", "pid": os.getpid()}
 
+    on_head = on_get  # load balancers probe with HEAD too
+
 
 class ReadyResource:
     """200 when catalog and model are loaded (memcached is reported, but only degrades)."""
@@ -274,6 +276,8 @@ class ReadyResource:
         ready = components["catalog"]["ok"] and components["model"]["ok"]
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.media = {"ready": ready, "pid": os.getpid(), "components": components}
+
+    on_head = on_get
 
 
 class MetricsResource:

@@ -19,8 +19,9 @@ REQUESTS = Counter("bidder_bid_requests_total", "Bid requests answered, by HTTP 
                    ["status"])
 NOBIDS = Counter("bidder_nobids_total", "No-bid (204) answers, by reason.", ["reason"])
 BIDS = Counter("bidder_bids_total", "Bids returned (one per imp bid on).")
-BAD_REQUESTS = Counter("bidder_bad_requests_total", "Bid requests refused with a 4xx, by status.",
-                       ["status"])
+BAD_REQUESTS = Counter("bidder_bad_requests_total",
+                       "Requests on any path refused with a 4xx (bids, notices, unknown paths), "
+                       "by status.", ["status"])
 LATENCY = Histogram("bidder_bid_latency_seconds", "Time from arrival to answer on /openrtb2/bid.",
                     buckets=LATENCY_BUCKETS)
 FEATURE_STORE = Counter("bidder_feature_store_lookups_total",

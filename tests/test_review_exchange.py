@@ -179,3 +179,9 @@ def test_coppa_requests_use_no_user_data(server):
     assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown"
     [bid] = bids_of(server.bid(site_request(regs={"coppa": 1}))[2])
     assert "&u=&" in bid["burl"]  # the notice carries no user key
+
+
+def test_health_and_readiness_answer_head_probes(server):
+    for path in ("/healthz", "/readyz"):
+        status, _, body = server.request("HEAD", path)
+        assert status == 200 and body == b""
