@@ -21,13 +21,29 @@ connections above the least-loaded sibling answers its next request with
 ``Connection: close`` (one connection at a time), and the client's reconnect
 lands on the sibling. Without a slot (hooks not installed) or with one worker
 it behaves exactly like gthread.
+
+With ``--threads 1`` (the default) a request is handled inline, in the poller's
+thread, and nothing else of the worker runs meanwhile. So a connection is handed
+to the parser only once its next request is entirely in the kernel's socket
+buffer: one ``MSG_PEEK`` recv and a few ``bytes.find`` calls (:func:`arrival`)
+check for the end of the headers and of the body (``Content-Length``, or the
+last chunk of a chunked body). A partial request (a client stalled mid-headers
+or mid-body, a lossy link) is read into the parser's buffer as its bytes come
+and waits in the poller, costing no other connection anything; one still
+incomplete :data:`ARRIVAL_S` after it was first seen is answered 408 and
+closed. ``Expect: 100-continue`` gets its ``100 Continue`` while waiting (the
+client sends the body only after it). Bytes that cannot become a valid request
+(more than the largest head and body allowed) go to the parser at once, which
+rejects them as before.
 """
 from __future__ import annotations
 
+import io
 import selectors
 import socket
 import struct
 import time
+from collections import deque
 from concurrent import futures
 from functools import partial
 
@@ -41,9 +57,90 @@ READY_AT = "bidder.ready_at"  # WSGI environ key: when the poller saw the reques
 # is dropped: a stalled client must not hold the one thread that serves every connection.
 IO_STALL_S = 1
 
+# A request must have arrived entirely within this of its first bytes being seen, or its
+# connection is answered 408 and closed (it waits in the poller meanwhile, blocking nothing).
+ARRIVAL_S = 3.0
+
+# One MSG_PEEK of this much sees any ordinary request whole; a larger one is read in pieces.
+PEEK_BYTES = 65536
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+# What arrival() finds at the head of a connection's bytes.
+READY = 0  # a whole request (or bytes the parser must reject): handle it
+MORE = 1  # part of a request: wait for the rest
+CONTINUE = 2  # a whole head with "Expect: 100-continue": wait for the body after a 100
+GONE = 3  # the peer closed or reset the connection
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n"
+               b"\r\n")
+
 # How often a worker that is not accepting re-reads the board: the longest a new connection
 # can wait in the backlog when the worker whose turn it is has just become eligible.
 RECHECK_S = 0.005
+
+
+def arrival(data: bytes, head_limit: int, body_limit: int) -> int:
+    """Whether ``data``, a connection's bytes so far, begins with a whole HTTP/1.x request:
+    :data:`READY`, :data:`MORE` or :data:`CONTINUE`. Only framing is checked: anything the
+    parser would reject anyway (a head over ``head_limit``, a body over ``body_limit``, a bad
+    length) is READY, so the parser answers it at once. Later pipelined requests are not looked
+    at."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return READY if len(data) >= head_limit or b"\n\n" in data else MORE
+    head = data[:end].lower()
+    start = end + 4
+    coding = _field(head, b"\ntransfer-encoding:")
+    if coding is not None:
+        return _chunked_arrival(data, start, body_limit) if coding.endswith(b"chunked") else READY
+    length = _field(head, b"\ncontent-length:")
+    if length is None:
+        return READY  # no body
+    try:
+        size = int(length)
+    except ValueError:
+        return READY
+    if size > body_limit or len(data) - start >= size:
+        return READY
+    if len(data) == start and head[:head.find(b"\r\n")].endswith(b"http/1.1") \
+            and _field(head, b"\nexpect:") == b"100-continue":
+        return CONTINUE  # HTTP/1.0 clients send the body without waiting (RFC 9110 10.1.1)
+    return MORE
+
+
+def _field(head: bytes, name: bytes) -> bytes | None:
+    """The stripped value of the first ``name`` header in a lower-cased head, or None."""
+    at = head.find(name)
+    if at < 0:
+        return None
+    at += len(name)
+    end = head.find(b"\r\n", at)
+    return head[at:end if end >= 0 else len(head)].strip()
+
+
+def _chunked_arrival(data: bytes, at: int, body_limit: int) -> int:
+    """Whether the chunked body starting at ``data[at]`` has arrived up to its trailer's end."""
+    start = at
+    while True:
+        line = data.find(b"\r\n", at)
+        if line < 0:
+            return MORE if len(data) - at < 1024 else READY  # no chunk-size line is that long
+        try:
+            size = int(data[at:line].split(b";", 1)[0], 16)
+        except ValueError:
+            return READY
+        if size < 0:
+            return READY
+        if size == 0:  # last chunk, then trailer fields, then an empty line
+            if data.startswith(b"\r\n", line + 2) or data.find(b"\r\n\r\n", line) >= 0:
+                return READY
+            return MORE
+        at = line + 2 + size + 2
+        if at - start > body_limit:
+            return READY
+        if at > len(data):
+            return MORE
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -55,6 +152,9 @@ class BalancedThreadWorker(ThreadWorker):
     _conns = 0
     _shed_at: int | None = None  # nr_conns when the last shed was decided: one in flight
     _checked_at: int | None = None  # nr_conns when eligibility was last decided
+    _gated = False  # requests wait in the poller until whole (--threads 1, see _gate_requests)
+    _arriving: deque | tuple = ()  # empty unless gated
+    _continued: set | frozenset = frozenset()  # idem
 
     @property  # type: ignore[override]
     def nr_conns(self) -> int:
@@ -76,6 +176,7 @@ class BalancedThreadWorker(ThreadWorker):
                              "installed?): accepting without balancing", self.pid)
         if self.cfg.threads <= 1:
             self._stamp_readiness()
+            self._gate_requests()
         try:
             super().run()
         finally:
@@ -100,6 +201,21 @@ class BalancedThreadWorker(ThreadWorker):
         self.poller.select = timed_select
         self.wsgi = stamped_app
 
+    def _gate_requests(self) -> None:
+        """Size the arrival check: the largest head Gunicorn's limits allow, and the largest
+        body the app takes (``max_body_bytes``, plus slack for gzip and chunk framing)."""
+        cfg = self.cfg
+        self._gated = not cfg.is_ssl  # TLS bytes cannot be peeked at
+        # 0 means "unlimited" to Gunicorn; the line and field sizes are then its maxima.
+        line, field = cfg.limit_request_line or 8190, cfg.limit_request_field_size or 8190
+        self._head_limit = line + 2 + cfg.limit_request_fields * (field + 2) + 2
+        settings = getattr(self.app, "settings", None)
+        body = getattr(settings, "max_body_bytes", 0) or 1024 * 1024
+        self._body_limit = body + body // 8 + 1024
+        self._window = self._head_limit + self._body_limit
+        self._arriving: deque = deque()  # connections with a partial request, oldest first
+        self._continued: set = set()  # connections sent a 100 Continue by this worker
+
     def set_accept_enabled(self, enabled: bool) -> None:
         if enabled and self._joined and self.board.any_below(self._conns):
             enabled = False
@@ -116,7 +232,11 @@ class BalancedThreadWorker(ThreadWorker):
                 self.set_accept_enabled(self._conns < self.worker_connections)
                 if not self._accepting:
                     timeout = min(timeout, RECHECK_S)
+        if self._arriving:
+            timeout = min(timeout, max(0.0, self._arriving[0].timeout - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
+        if self._arriving:
+            self._expire_arriving()
 
     # --- one thread: handle requests in the poller's thread -----------------------------------
     # With ``--threads 1`` (the default) the pool holds one thread anyway, and handing every
@@ -145,8 +265,98 @@ class BalancedThreadWorker(ThreadWorker):
                              partial(self.on_pending_socket_readable, conn))
 
     def enqueue_req(self, conn) -> None:
-        if self.cfg.threads > 1:
-            return super().enqueue_req(conn)
+        if not self._gated:
+            return super().enqueue_req(conn) if self.cfg.threads > 1 else self._handle_inline(conn)
+        buffered = conn.parser is not None and conn.parser.unreader.buf.tell()
+        state = MORE if buffered else self._peek(conn)  # read-ahead: the rest may be anywhere
+        if state != READY and state != GONE:
+            state = self._collect(conn)
+        if state == READY:
+            self._handle_inline(conn)
+        elif state == GONE:
+            self._drop(conn)
+        else:
+            conn.timeout = time.monotonic() + ARRIVAL_S
+            self._arriving.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ,
+                                 partial(self._on_arriving_readable, conn))
+
+    def _peek(self, conn) -> int:
+        """The fast path: the state of the request in the kernel's buffer, without reading it."""
+        try:
+            data = conn.sock.recv(PEEK_BYTES, PEEK)
+        except BlockingIOError:
+            return MORE
+        except OSError:
+            return GONE
+        if not data:
+            return GONE
+        return arrival(data, self._head_limit, self._body_limit)
+
+    def _collect(self, conn) -> int:
+        """Move what the kernel holds into the parser's buffer (where the parser will read it
+        first) and return the state of the request there; sends the 100 a client awaits."""
+        if not conn.initialized:
+            conn.init()
+        unreader = conn.parser.unreader
+        buf: io.BytesIO = unreader.buf
+        buf.seek(0, io.SEEK_END)
+        closed = False
+        while buf.tell() < self._window:
+            try:
+                chunk = conn.sock.recv(PEEK_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                return GONE
+            if not chunk:
+                closed = True
+                break
+            buf.write(chunk)
+        data = buf.getvalue()
+        state = arrival(data, self._head_limit, self._body_limit)
+        if state != READY and len(data) >= self._window:
+            state = READY  # more than a valid request can be: the parser rejects it
+        if closed and state != READY:
+            return GONE
+        if state == CONTINUE and conn not in self._continued:
+            try:
+                conn.sock.send(CONTINUE_100, socket.MSG_DONTWAIT)
+            except OSError:
+                return GONE
+            self._continued.add(conn)
+        return state
+
+    def _on_arriving_readable(self, conn, client) -> None:
+        state = self._collect(conn)
+        if state != READY and state != GONE:
+            return  # still partial: stay in the poller
+        self.poller.unregister(client)
+        self._arriving.remove(conn)
+        if state == READY:
+            conn.data_ready = True
+            self._handle_inline(conn)
+        else:
+            self._drop(conn)
+
+    def _expire_arriving(self) -> None:
+        """Answer 408 and close connections whose request has not arrived within ARRIVAL_S."""
+        now = time.monotonic()
+        while self._arriving and self._arriving[0].timeout <= now:
+            conn = self._arriving.popleft()
+            self.poller.unregister(conn.sock)
+            try:
+                conn.sock.send(TIMEOUT_408, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            self._drop(conn)
+
+    def _drop(self, conn) -> None:
+        self._continued.discard(conn)
+        self.nr_conns -= 1
+        conn.close()
+
+    def _handle_inline(self, conn) -> None:
         done: futures.Future = futures.Future()
         try:
             done.set_result(self.handle(conn))
@@ -160,6 +370,9 @@ class BalancedThreadWorker(ThreadWorker):
                 and self.board.any_below(conns - 1):
             self._shed_at = conns  # a sibling holds two fewer: hand this connection over
             req.must_close = True  # "Connection: close": the client reconnects elsewhere
+        if self._continued and conn in self._continued:
+            self._continued.discard(conn)
+            req._expected_100_continue = False  # this worker sent the 100 while the body came
         return super().handle_request(req, conn)
 
     def _leave(self) -> None:
