@@ -7,21 +7,11 @@ from __future__ import annotations
 import gzip
 import json
 
-import pytest
-
 from bidder.domains import host_of
 from tests.conftest import launch_server
 from tests.test_bid_http import CATALOG, bids_of, site_request
+from tests.test_bid_rules import server  # noqa: F401 - the same server: test catalog, 1 worker
 from tests.test_money_and_faults import notice_path
-
-
-@pytest.fixture(scope="module")
-def server(memcached, tmp_path_factory):
-    srv = launch_server(tmp_path_factory.mktemp("review-exchange"), "--workers", "1",
-                        "--campaigns", CATALOG, "--currency-rates", "EUR=1.10,JPY=0.0070",
-                        "--memcached-timeout-ms", "100", memcached=memcached.address)
-    yield srv
-    srv.stop()
 
 
 def _requests_by_status(server) -> dict[str, float]:
