@@ -40,25 +40,25 @@ def country_of(r: BidRequest) -> str | None:
     return None
 
 
-def inventory_domains(r: BidRequest) -> list[str]:
+def inventory_domains(r: BidRequest) -> tuple[list[str], list[str]]:
     """The domains a request's inventory goes by, with their parents: ``site.domain`` (else the
-    host of ``site.page``, which many requests carry alone) or ``app.domain``, the publisher's
-    domain, and the app bundle. Allow and block lists are checked against all of them, so a
-    block cannot be dodged by naming the site another way."""
+    host of ``site.page``, which many requests carry alone) or ``app.domain``, and the app
+    bundle; then the publisher's domains. Allow lists look at the first; block lists at both,
+    so a block cannot be dodged by naming the site another way."""
     site, app = r.site, r.app
     if site is not None:
-        domains = domain_and_parents(host_of(site.domain) or host_of(site.page))
+        named = domain_and_parents(host_of(site.domain) or host_of(site.page))
         publisher = site.publisher
     elif app is not None:
-        domains = domain_and_parents(host_of(app.domain))
+        named = domain_and_parents(host_of(app.domain))
         publisher = app.publisher
     else:
-        return []
-    if publisher is not None and publisher.domain:
-        domains += domain_and_parents(host_of(publisher.domain))
+        return [], []
     if app is not None and app.bundle:
-        domains.append(app.bundle.lower())
-    return domains
+        named.append(app.bundle.lower())
+    if publisher is not None and publisher.domain:
+        return named, domain_and_parents(host_of(publisher.domain))
+    return named, []
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,10 @@ class Auction:
         if not bits:
             return NoBid("no_campaign_targets_user")
         # domains match case-insensitively and cover their subdomains (www.x.example is x.example)
-        inventory = inventory_domains(r)
+        named, publisher = inventory_domains(r)
         if cat.by_domain_allow:
-            bits &= cat.any_domain | cat.any_of(cat.by_domain_allow, inventory)
-        bits &= ~cat.any_of(cat.by_domain_block, inventory)
+            bits &= cat.any_domain | cat.any_of(cat.by_domain_allow, named)
+        bits &= ~cat.any_of(cat.by_domain_block, named + publisher if publisher else named)
         if not bits:
             return NoBid("no_campaign_targets_inventory")
         if (r.bcat or r.acat) and r.cattax not in (None, 1):  # only Content Category 1.0 known
