@@ -53,8 +53,9 @@ from server_hooks.slots import ConnectionBoard
 
 READY_AT = "bidder.ready_at"  # WSGI environ key: when the poller saw the request (monotonic s)
 
-# A request that has started must arrive (and its answer leave) within this, or its connection
-# is dropped: a stalled client must not hold the one thread that serves every connection.
+# Kernel send/receive timeouts while a request is handled inline: a backstop, as a request
+# reaches the parser only once whole (see arrival()); it bounds sending the answer to a client
+# that does not read it, since nothing else of the worker runs meanwhile.
 IO_STALL_S = 1
 
 # A request must have arrived entirely within this of its first bytes being seen, or its
@@ -93,20 +94,23 @@ def arrival(data: bytes, head_limit: int, body_limit: int) -> int:
     start = end + 4
     coding = _field(head, b"\ntransfer-encoding:")
     if coding is not None:
-        return _chunked_arrival(data, start, body_limit) if coding.endswith(b"chunked") else READY
-    length = _field(head, b"\ncontent-length:")
-    if length is None:
-        return READY  # no body
-    try:
-        size = int(length)
-    except ValueError:
-        return READY
-    if size > body_limit or len(data) - start >= size:
-        return READY
-    if len(data) == start and head[:head.find(b"\r\n")].endswith(b"http/1.1") \
+        if not coding.endswith(b"chunked"):
+            return READY
+        state = _chunked_arrival(data, start, body_limit)
+    else:
+        length = _field(head, b"\ncontent-length:")
+        if length is None:
+            return READY  # no body
+        try:
+            size = int(length)
+        except ValueError:
+            return READY
+        state = READY if size > body_limit or len(data) - start >= size else MORE
+    if state == MORE and len(data) == start \
+            and head[:head.find(b"\r\n")].endswith(b"http/1.1") \
             and _field(head, b"\nexpect:") == b"100-continue":
         return CONTINUE  # HTTP/1.0 clients send the body without waiting (RFC 9110 10.1.1)
-    return MORE
+    return state
 
 
 def _field(head: bytes, name: bytes) -> bytes | None:
@@ -242,9 +246,9 @@ class BalancedThreadWorker(ThreadWorker):
     # With ``--threads 1`` (the default) the pool holds one thread anyway, and handing every
     # request to it costs a future, a pipe write and two GIL hand-offs, more so when the
     # request itself waits on memcached. Inline, a request runs where its readiness was seen:
-    # 8 % less CPU per request (docs/ab/inline: one worker, against plain gthread). A new
-    # connection waits in the poller until it has sent something, so a silent client never
-    # blocks the worker.
+    # 8 % less CPU per request (docs/ab/inline: one worker, against plain gthread). A connection
+    # waits in the poller until its whole request has arrived (enqueue_req), so a silent or
+    # stalled client never blocks the worker.
 
     def accept(self, listener) -> None:
         if self.cfg.threads > 1:
@@ -362,6 +366,8 @@ class BalancedThreadWorker(ThreadWorker):
             done.set_result(self.handle(conn))
         except BaseException as exc:  # finish_request closes the connection, as gthread does
             done.set_exception(exc)
+        if self._continued:
+            self._continued.discard(conn)  # a request that failed before handle_request
         self.finish_request(conn, done)
 
     def handle_request(self, req, conn):

@@ -119,15 +119,20 @@ def test_chunked_body_sent_in_pieces(server):
     assert status in ANSWERED
 
 
-def test_expect_100_continue_gets_one_100_then_the_answer(server):
+CHUNKED = (HEAD.replace(b"Content-Length: %d" % len(BODY), b"Transfer-Encoding: chunked"),
+           b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY))
+
+
+@pytest.mark.parametrize("head, body", [(HEAD, BODY), CHUNKED], ids=["length", "chunked"])
+def test_expect_100_continue_gets_one_100_then_the_answer(server, head, body):
     sock = connect(server)
     try:
-        sock.sendall(HEAD.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"))
-        sock.settimeout(1.0)  # a client waiting for the 100 before it sends the body
+        sock.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"))
+        sock.settimeout(0.5)  # a client waiting for the 100 before it sends the body (curl: 1 s)
         interim = sock.recv(4096)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.settimeout(10.0)
-        sock.sendall(BODY)
+        sock.sendall(body)
         rest = b""
         while b"\r\n\r\n" not in rest:
             rest += sock.recv(4096)
@@ -184,6 +189,8 @@ def test_arrival_reads_the_framing():
     assert arrival(expect, head, body) == CONTINUE
     assert arrival(expect.replace(b"HTTP/1.1", b"HTTP/1.0"), head, body) == MORE
     chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert arrival(chunked.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"),
+                   head, body) == CONTINUE
     assert arrival(chunked + b"5\r\nhello\r\n0\r\n\r\n", head, body) == READY
     assert arrival(chunked + b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n", head, body) == READY
     assert arrival(chunked + b"5\r\nhello\r\n0\r\n", head, body) == MORE
