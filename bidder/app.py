@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 import zlib
+from functools import lru_cache
 from urllib.parse import parse_qsl
 
 import falcon
@@ -191,9 +192,11 @@ class BidResource:
         return body
 
 
+@lru_cache(maxsize=256)
 def accepts_gzip(accept_encoding: str | None) -> bool:
     """Whether an ``Accept-Encoding`` header allows gzip: an explicit ``gzip`` (or ``x-gzip``)
-    entry decides by its q-value (``gzip;q=0`` refuses), else ``*`` does (RFC 9110 12.5.3)."""
+    entry decides by its q-value (``gzip;q=0`` refuses), else ``*`` does (RFC 9110 12.5.3).
+    Cached: an exchange sends the same few header values again and again."""
     star = False
     for item in (accept_encoding or "").lower().split(","):
         coding, _, param = item.partition(";")
