@@ -37,6 +37,12 @@ closed. ``Expect: 100-continue`` gets its ``100 Continue`` while waiting (the
 client sends the body only after it). Bytes that cannot become a valid request
 (more than the largest head and body allowed) go to the parser at once, which
 rejects them as before.
+
+The same peek reads the kernel's receive timestamp of the request's first bytes
+(``SO_TIMESTAMPNS``), and that is the arrival the app measures ``tmax`` from
+(``bidder.ready_at``): a request that waited in the socket buffer while the
+worker was busy with others (a slow memcached, a burst) has that wait counted,
+so the bid path skips its look-up or answers no-bid instead of answering late.
 """
 from __future__ import annotations
 
@@ -53,7 +59,13 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from server_hooks.slots import ConnectionBoard
 
-READY_AT = "bidder.ready_at"  # WSGI environ key: when the poller saw the request (monotonic s)
+READY_AT = "bidder.ready_at"  # WSGI environ key: when the request arrived (monotonic s)
+
+# Linux: receive timestamps (struct timespec, CLOCK_REALTIME) of the bytes at the head of a
+# socket's queue, delivered with recvmsg even when peeking (not in Python's socket module).
+SO_TIMESTAMPNS = 35
+TIMESTAMP_SPACE = socket.CMSG_SPACE(16)
+MAX_QUEUED_S = 60.0  # an age past this (or negative) is a clock step, not a queue: ignored
 
 # Kernel send/receive timeouts while a request is handled inline: a backstop, as a request
 # reaches the parser only once whole (see arrival()); it bounds sending the answer to a client
@@ -189,11 +201,13 @@ class BalancedThreadWorker(ThreadWorker):
             self._leave()
 
     def _stamp_readiness(self) -> None:
-        """Give the app the moment the poller saw its request's bytes (``bidder.ready_at`` in
-        the WSGI environ, ``time.monotonic()``): requests handled one after another from one
-        poll waited for each other, and that wait counts against the exchange's ``tmax``."""
+        """Give the app its request's arrival (``bidder.ready_at`` in the WSGI environ,
+        ``time.monotonic()``): the kernel's receive time of its first bytes where the arrival
+        check read it, else when the poller saw them. Requests handled one after another waited
+        for each other, and that wait counts against the exchange's ``tmax``."""
         select, app = self.poller.select, self.wsgi
         self._ready_at = time.monotonic()
+        self._request_arrived_at: float | None = None
 
         def timed_select(timeout=None):
             events = select(timeout)
@@ -201,7 +215,8 @@ class BalancedThreadWorker(ThreadWorker):
             return events
 
         def stamped_app(environ, start_response):
-            environ[READY_AT] = self._ready_at
+            arrived = self._request_arrived_at
+            environ[READY_AT] = self._ready_at if arrived is None else arrived
             return app(environ, start_response)
 
         self.poller.select = timed_select
@@ -220,6 +235,7 @@ class BalancedThreadWorker(ThreadWorker):
         self._body_limit = body + body // 8 + 1024
         self._window = self._head_limit + self._body_limit
         self._arriving: deque = deque()  # connections with a partial request, oldest first
+        self._arrived_at: float | None = None  # kernel arrival of the request being peeked at
         self._continued: set = set()  # connections sent a 100 Continue by this worker
 
     def set_accept_enabled(self, enabled: bool) -> None:
@@ -264,6 +280,8 @@ class BalancedThreadWorker(ThreadWorker):
         stall = struct.pack("ll", IO_STALL_S, 0)
         client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)
         client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
+        if self._gated:
+            client_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
         conn.timeout = time.monotonic() + self.cfg.keepalive
         self.pending_conns.append(conn)
@@ -273,30 +291,38 @@ class BalancedThreadWorker(ThreadWorker):
     def enqueue_req(self, conn) -> None:
         if not self._gated:
             return super().enqueue_req(conn) if self.cfg.threads > 1 else self._handle_inline(conn)
+        self._arrived_at = None
         buffered = conn.parser is not None and conn.parser.unreader.buf.tell()
         state = MORE if buffered else self._peek(conn)  # read-ahead: the rest may be anywhere
         if state != READY and state != GONE:
             state = self._collect(conn)
         if state == READY:
-            self._handle_inline(conn)
+            self._handle_inline(conn, self._arrived_at)
         elif state == GONE:
             self._drop(conn)
         else:
+            conn.arrived_at = self._arrived_at
             conn.timeout = time.monotonic() + ARRIVAL_S
             self._arriving.append(conn)
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self._on_arriving_readable, conn))
 
     def _peek(self, conn) -> int:
-        """The fast path: the state of the request in the kernel's buffer, without reading it."""
+        """The fast path: the state of the request in the kernel's buffer, without reading it,
+        and when its first bytes arrived (kept as the request's arrival)."""
         try:
-            data = conn.sock.recv(PEEK_BYTES, PEEK)
+            data, ancillary, _, _ = conn.sock.recvmsg(PEEK_BYTES, TIMESTAMP_SPACE, PEEK)
         except BlockingIOError:
             return MORE
         except OSError:
             return GONE
         if not data:
             return GONE
+        if ancillary:
+            seconds, nanoseconds = struct.unpack_from("ll", ancillary[0][2])
+            queued = time.time() - seconds - nanoseconds * 1e-9
+            if 0.0 <= queued < MAX_QUEUED_S:
+                self._arrived_at = time.monotonic() - queued
         return arrival(data, self._head_limit, self._body_limit)
 
     def _collect(self, conn) -> int:
@@ -341,7 +367,7 @@ class BalancedThreadWorker(ThreadWorker):
         self._arriving.remove(conn)
         if state == READY:
             conn.data_ready = True
-            self._handle_inline(conn)
+            self._handle_inline(conn, conn.arrived_at)
         else:
             self._drop(conn)
 
@@ -362,7 +388,10 @@ class BalancedThreadWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
-    def _handle_inline(self, conn) -> None:
+    def _handle_inline(self, conn, arrived_at: float | None = None) -> None:
+        """Handle ``conn``'s request now; ``arrived_at``: when the kernel received its first
+        bytes (None: unknown, the poller's stamp stands)."""
+        self._request_arrived_at = arrived_at
         done: futures.Future = futures.Future()
         try:
             done.set_result(self.handle(conn))
