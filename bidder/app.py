@@ -148,6 +148,9 @@ class BidResource:
         except OSError as exc:  # stalled past the socket timeout, reset, or cut short
             raise BadRequest(f"request body not received in full ({exc}): send all the "
                              "bytes its Content-Length announces, without stalling")
+        except Exception as exc:  # the server's parser refused the framing (a bad chunk, trailer)
+            raise BadRequest(f"request body framing is malformed ({type(exc).__name__}: {exc}): "
+                             "send a Content-Length body or well-formed chunks (RFC 9112 7.1)")
         if len(body) > self.max_body:
             raise PayloadTooLarge(f"body is over the {self.max_body}-byte limit")
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()

@@ -81,14 +81,33 @@ PEEK_BYTES = 65536
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 # What arrival() finds at the head of a connection's bytes.
-READY = 0  # a whole request (or bytes the parser must reject): handle it
+READY = 0  # a whole request (or bytes the parser rejects at once): handle it
 MORE = 1  # part of a request: wait for the rest
 CONTINUE = 2  # a whole head with "Expect: 100-continue": wait for the body after a 100
 GONE = 3  # the peer closed or reset the connection
+MALFORMED = 4  # framing that can never make a request (bad length or chunk): 400 and close
+TOO_LARGE = 5  # a body announced or framed over the limit: 413 and close
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n"
                b"\r\n")
+
+
+def _refusal(status: bytes, message: bytes) -> bytes:
+    body = b'{"error": "' + message + b'"}'
+    return (b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Type: application/json"
+            b"\r\nContent-Length: " + b"%d" % len(body) + b"\r\n\r\n" + body)
+
+
+# Answered by the arrival check itself: handing such bytes to the parser would have it wait,
+# in the worker's only thread, for a body that cannot come right.
+REFUSALS = {
+    MALFORMED: _refusal(b"400 Bad Request", b"malformed request framing: a Content-Length that "
+                        b"is not a number, a bad chunk size or chunk end, or a Transfer-Encoding "
+                        b"not ending in chunked (RFC 9112 6)"),
+    TOO_LARGE: _refusal(b"413 Content Too Large", b"request body over this server's limit "
+                        b"(--max-body-bytes)"),
+}
 
 # How often a worker that is not accepting re-reads the board: the longest a new connection
 # can wait in the backlog when the worker whose turn it is has just become eligible.
@@ -97,10 +116,10 @@ RECHECK_S = 0.005
 
 def arrival(data: bytes, head_limit: int, body_limit: int) -> int:
     """Whether ``data``, a connection's bytes so far, begins with a whole HTTP/1.x request:
-    :data:`READY`, :data:`MORE` or :data:`CONTINUE`. Only framing is checked: anything the
-    parser would reject anyway (a head over ``head_limit``, a body over ``body_limit``, a bad
-    length) is READY, so the parser answers it at once. Later pipelined requests are not looked
-    at."""
+    :data:`READY`, :data:`MORE` or :data:`CONTINUE`; :data:`MALFORMED` or :data:`TOO_LARGE`
+    for framing no more bytes can fix (a bad length or chunk, a body over ``body_limit``).
+    Only framing is checked: a head over ``head_limit`` is READY, as the parser rejects it
+    from the bytes at hand. Later pipelined requests are not looked at."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return READY if len(data) >= head_limit or b"\n\n" in data else MORE
@@ -109,17 +128,20 @@ def arrival(data: bytes, head_limit: int, body_limit: int) -> int:
     coding = _field(head, b"\ntransfer-encoding:")
     if coding is not None:
         if not coding.endswith(b"chunked"):
-            return READY
+            return MALFORMED  # RFC 9112 6.3: a request's length must then be refused
         state = _chunked_arrival(data, start, body_limit)
     else:
         length = _field(head, b"\ncontent-length:")
         if length is None:
             return READY  # no body
-        try:
-            size = int(length)
-        except ValueError:
-            return READY
-        state = READY if size > body_limit or len(data) - start >= size else MORE
+        if not length.isdigit():
+            return MALFORMED
+        size = int(length)
+        if size > body_limit:
+            return TOO_LARGE
+        state = READY if len(data) - start >= size else MORE
+    if state > CONTINUE:
+        return state
     if state == MORE and len(data) == start \
             and head[:head.find(b"\r\n")].endswith(b"http/1.1") \
             and _field(head, b"\nexpect:") == b"100-continue":
@@ -143,22 +165,22 @@ def _chunked_arrival(data: bytes, at: int, body_limit: int) -> int:
     while True:
         line = data.find(b"\r\n", at)
         if line < 0:
-            return MORE if len(data) - at < 1024 else READY  # no chunk-size line is that long
-        try:
-            size = int(data[at:line].split(b";", 1)[0], 16)
-        except ValueError:
-            return READY
-        if size < 0:
-            return READY
+            return MORE if len(data) - at < 1024 else MALFORMED  # no chunk-size line is that long
+        digits = data[at:line].split(b";", 1)[0].strip(b" \t")
+        if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+            return MALFORMED
+        size = int(digits, 16)
         if size == 0:  # last chunk, then trailer fields, then an empty line
             if data.startswith(b"\r\n", line + 2) or data.find(b"\r\n\r\n", line) >= 0:
                 return READY
-            return MORE
+            return MORE if len(data) - line < 8192 else MALFORMED
         at = line + 2 + size + 2
         if at - start > body_limit:
-            return READY
+            return TOO_LARGE
         if at > len(data):
             return MORE
+        if data[at - 2:at] != b"\r\n":
+            return MALFORMED  # chunk data not followed by its CRLF
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -294,12 +316,14 @@ class BalancedThreadWorker(ThreadWorker):
         self._arrived_at = None
         buffered = conn.parser is not None and conn.parser.unreader.buf.tell()
         state = MORE if buffered else self._peek(conn)  # read-ahead: the rest may be anywhere
-        if state != READY and state != GONE:
+        if state == MORE or state == CONTINUE:
             state = self._collect(conn)
         if state == READY:
             self._handle_inline(conn, self._arrived_at)
         elif state == GONE:
             self._drop(conn)
+        elif state in REFUSALS:
+            self._refuse(conn, state)
         else:
             conn.arrived_at = self._arrived_at
             conn.timeout = time.monotonic() + ARRIVAL_S
@@ -347,7 +371,7 @@ class BalancedThreadWorker(ThreadWorker):
             buf.write(chunk)
         data = buf.getvalue()
         state = arrival(data, self._head_limit, self._body_limit)
-        if state != READY and len(data) >= self._window:
+        if (state == MORE or state == CONTINUE) and len(data) >= self._window:
             state = READY  # more than a valid request can be: the parser rejects it
         if closed and state != READY:
             return GONE
@@ -361,13 +385,15 @@ class BalancedThreadWorker(ThreadWorker):
 
     def _on_arriving_readable(self, conn, client) -> None:
         state = self._collect(conn)
-        if state != READY and state != GONE:
+        if state == MORE or state == CONTINUE:
             return  # still partial: stay in the poller
         self.poller.unregister(client)
         self._arriving.remove(conn)
         if state == READY:
             conn.data_ready = True
             self._handle_inline(conn, conn.arrived_at)
+        elif state in REFUSALS:
+            self._refuse(conn, state)
         else:
             self._drop(conn)
 
@@ -382,6 +408,16 @@ class BalancedThreadWorker(ThreadWorker):
             except OSError:
                 pass
             self._drop(conn)
+
+    def _refuse(self, conn, state: int) -> None:
+        """Answer framing no bytes can fix, and close: the rest of the request is unknown."""
+        self.log.warning("refused a request from %s: %s", conn.client,
+                         REFUSALS[state].split(b"\r\n", 1)[0].decode())
+        try:
+            conn.sock.send(REFUSALS[state], socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        self._drop(conn)
 
     def _drop(self, conn) -> None:
         self._continued.discard(conn)

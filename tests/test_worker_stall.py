@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from server_hooks.worker import ARRIVAL_S, CONTINUE, MORE, READY, arrival
+from server_hooks.worker import (ARRIVAL_S, CONTINUE, MALFORMED, MORE, READY, TOO_LARGE,
+                                 arrival)
 from tests.conftest import launch_server
 
 BODY = json.dumps({
@@ -195,11 +196,40 @@ def test_arrival_reads_the_framing():
     assert arrival(chunked + b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n", head, body) == READY
     assert arrival(chunked + b"5\r\nhello\r\n0\r\n", head, body) == MORE
     assert arrival(chunked + b"5\r\n0\r\n\r\n", head, body) == MORE  # "0\r\n\r\n" is data here
-    # what the parser must reject goes to it at once
+    # a head over the limit goes to the parser, which rejects it from the bytes at hand
     assert arrival(b"GET /" + b"a" * head, head, body) == READY
-    assert arrival(HEAD.replace(b"%d" % len(BODY), b"x1"), head, body) == READY
-    assert arrival(HEAD.replace(b"%d" % len(BODY), b"%d" % (body + 1)), head, body) == READY
-    assert arrival(chunked + b"zz\r\n", head, body) == READY
+    # framing no more bytes can fix is refused by the check itself: the parser would wait
+    assert arrival(HEAD.replace(b"%d" % len(BODY), b"x1"), head, body) == MALFORMED
+    assert arrival(HEAD.replace(b"%d" % len(BODY), b"-1"), head, body) == MALFORMED
+    assert arrival(HEAD.replace(b"%d" % len(BODY), b"%d" % (body + 1)), head, body) == TOO_LARGE
+    assert arrival(chunked + b"zz\r\n", head, body) == MALFORMED
+    assert arrival(chunked + b"-2\r\n", head, body) == MALFORMED
+    assert arrival(chunked + b"0" * 1100, head, body) == MALFORMED  # a chunk-size line that long
+    assert arrival(chunked + b"%x\r\n{" % (body + 1), head, body) == TOO_LARGE
+    assert arrival(chunked + b"2\r\n{}XX0\r\n\r\n", head, body) == MALFORMED  # no CRLF
+    identity = HEAD.replace(b"Host: x\r\n", b"Host: x\r\nTransfer-Encoding: identity\r\n")
+    assert arrival(identity, head, body) == MALFORMED  # RFC 9112 6.3
+
+
+@pytest.mark.parametrize("framing", [
+    b"Transfer-Encoding: chunked\r\n\r\n20000\r\n{\"id\":",  # a chunk over the limit
+    b"Transfer-Encoding: identity\r\nContent-Length: 100\r\n\r\n{\"id\":",
+    b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 1100,  # an endless chunk-size line
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",  # not a chunk size
+    b"Content-Length: 99999999\r\n\r\n{\"id\":",  # announced over the limit
+])
+def test_framing_that_cannot_come_right_is_refused_at_once(server, framing):
+    """Review 3 (R2, R3): such bytes used to reach the parser, which then waited for the rest
+    in the worker's only thread (1-3 s for everyone), or raised into the app (500)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /openrtb2/bid HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\n" + framing)
+        answer = sock.recv(4096)
+        took = time.monotonic() - started
+    assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413")), answer
+    assert b"connection: close" in answer.lower() and b'{"error": ' in answer
+    assert took < 0.2, f"{took:.2f} s"
 
 
 def test_a_stalled_client_per_worker_stops_nothing(tmp_path):
@@ -223,3 +253,15 @@ def test_a_stalled_client_per_worker_stops_nothing(tmp_path):
             sock.close()
         srv.stop()
     assert len(results) > 20 and max(results) < 0.2, max(results)
+
+
+@pytest.mark.parametrize("chunks", [
+    b"2;\x01\r\n{}\r\n0\r\n\r\n",  # a chunk extension the parser refuses
+    b"2\r\n{}\r\n0\r\nbad trailer\r\n\r\n",  # a trailer line that is no header field
+])
+def test_framing_the_parser_refuses_is_a_400_not_a_500(server, chunks):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /openrtb2/bid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
