@@ -4,9 +4,11 @@ One ``get_many`` per bid request fetches every id the request carries
 (``user.buyeruid``, ``user.id``, ``device.ifa``); the first hit wins. Values are
 msgpack arrays (``UserFeatures`` as ``array_like``): compact, schema-checked on
 decode, no pickle. A fault (refused, timed out, garbage) answers with default
-features, and that server is left alone for ``retry_ms`` (several servers:
-HashClient drops it from the ring; one server: no look-ups until then): the bid
-is still answered in time.
+features, and that server is left alone for ``retry_ms`` (several servers: it
+leaves the ring, whatever the fault; one server: no look-ups until then): the bid
+is still answered in time. Billed impressions whose frequency counter cannot be
+written meanwhile are kept and written once memcached answers (at least once: a
+timed-out write memcached did apply counts twice, toward fewer impressions).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hashlib
 import logging
 import time
 import zlib
+from collections import deque
 from functools import lru_cache
 
 import msgspec
@@ -26,6 +29,8 @@ from bidder import metrics
 log = logging.getLogger("bidder.featurestore")
 
 KEY_PREFIX = "u:"
+UNWRITTEN_MAX = 10_000  # billed impressions kept per worker while memcached cannot count them
+REPLAY_PER_CALL = 2  # kept impressions written per look-up or notice once it answers again
 PROBE_KEY = "readyz-probe"  # read by /readyz when no look-up reached memcached lately
 STATUS_FRESH_S = 5.0
 MAX_PLAIN_ID = 200  # memcached keys are at most 250 bytes of printable ASCII without spaces
@@ -61,6 +66,21 @@ class UserFeaturesSerde:
         except (msgspec.DecodeError, ValueError):
             log.warning("undecodable value under key %r (flags %d): ignored", key, flags)
             return None
+
+
+class ShardIsolatingHashClient(HashClient):
+    """HashClient that takes a shard out of the ring on any fault: pymemcache does so only for
+    socket errors, so a shard answering garbage or closing mid-answer (a broken proxy) failed
+    every look-up, the healthy shards' keys with it, for as long as it lasted."""
+
+    def _safely_run_func(self, client, func, default_val, *args, **kwargs):
+        try:
+            return super()._safely_run_func(client, func, default_val, *args, **kwargs)
+        except OSError:
+            raise  # already marked by HashClient
+        except Exception:
+            self._mark_failed_server(client.server)
+            raise
 
 
 class Crc32Rendezvous(RendezvousHash):
@@ -120,8 +140,11 @@ class FeatureStore:
         if len(servers) == 1:  # no ring to walk: the plain client, ~6 % of a bid's CPU less
             self.client = Client(servers[0], **options)
         elif servers:  # HashClient drops a failed server from the ring for retry_ms
-            self.client = HashClient(servers, hasher=Crc32Rendezvous, retry_attempts=0,
-                                     dead_timeout=self.retry_s, ignore_exc=False, **options)
+            self.client = ShardIsolatingHashClient(
+                servers, hasher=Crc32Rendezvous, retry_attempts=0, dead_timeout=self.retry_s,
+                ignore_exc=False, **options)
+        # billed impressions whose counter could not be written: replayed once memcached answers
+        self._unwritten: deque[tuple[str, int]] = deque(maxlen=UNWRITTEN_MAX)
 
     def lookup(self, user_keys: list[str], counter_keys: list[str],
                time_left_s: float) -> tuple[UserFeatures, dict[str, int] | None]:
@@ -137,12 +160,7 @@ class FeatureStore:
         try:
             found = self.client.get_many(user_keys + counter_keys)
         except Exception as exc:  # refused, timeout, protocol error: all degrade the same way
-            if isinstance(self.client, Client):
-                self._down_until = time.monotonic() + self.retry_s
-            if self.last_error is None:
-                log.warning("memcached %s failed (%s): default features for %.0f ms",
-                            self.servers, exc, self.retry_s * 1000)
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._failed(exc)
             metrics.child(metrics.FEATURE_STORE, "error").inc()
             return DEFAULT_FEATURES, None
         self._answered()
@@ -156,18 +174,59 @@ class FeatureStore:
         return DEFAULT_FEATURES, counters
 
     def count_impression(self, key: str, window_s: int) -> None:
-        """Add one billed impression to a frequency counter that expires after ``window_s``."""
+        """Add one billed impression to a frequency counter that expires after ``window_s``.
+
+        While memcached is down the impression is kept (up to UNWRITTEN_MAX per worker) and
+        written once it answers again, so an outage does not reset caps; with one server, no
+        write is tried before its retry time (each would cost a timeout on this thread).
+        """
         if self.client is None:
             return
+        if self._down_until and time.monotonic() < self._down_until:
+            self._keep_unwritten(key, window_s)
+            return
         try:
-            self.client.add(key, 0, expire=window_s, noreply=False)
-            self.client.incr(key, 1, noreply=False)
+            self._increment(key, window_s)
         except Exception as exc:
-            log.warning("frequency counter %s not updated (%s): the cap may let one more through",
-                        key, exc)
+            self._keep_unwritten(key, window_s)
+            self._failed(exc)
+            return
+        self._replay(REPLAY_PER_CALL)
+
+    def _increment(self, key: str, window_s: int) -> None:
+        self.client.add(key, 0, expire=window_s, noreply=False)
+        self.client.incr(key, 1, noreply=False)
+
+    def _keep_unwritten(self, key: str, window_s: int) -> None:
+        if len(self._unwritten) == UNWRITTEN_MAX:
+            log.warning("frequency counts not written to memcached exceed %d: the oldest is "
+                        "dropped and its cap may let one more through", UNWRITTEN_MAX)
+        self._unwritten.append((key, window_s))
+
+    def _replay(self, limit: int) -> None:
+        """Write up to ``limit`` kept impressions (a few per call: the bid thread runs this)."""
+        for _ in range(min(limit, len(self._unwritten))):
+            key, window_s = self._unwritten[0]
+            try:
+                self._increment(key, window_s)
+            except Exception as exc:
+                self._failed(exc)
+                return
+            self._unwritten.popleft()
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(self.client, Client):
+            self._down_until = time.monotonic() + self.retry_s
+        if self.last_error is None:
+            log.warning("memcached %s failed (%s: %s): default features, and billed impressions "
+                        "kept for their frequency counters, until it answers (retried after "
+                        "%.0f ms)", self.servers, type(exc).__name__, exc, self.retry_s * 1000)
+        self.last_error = f"{type(exc).__name__}: {exc}"
 
     def _answered(self) -> None:
         self._answered_at = time.monotonic()
+        if self._unwritten:
+            self._replay(REPLAY_PER_CALL)
         if self.last_error is not None:
             log.info("memcached %s answers again", self.servers)
             self.last_error = None

@@ -1,6 +1,11 @@
 """The feature store against real memcached servers: serde, keys, sharding, counters, faults."""
 from __future__ import annotations
 
+import signal
+import socket
+import threading
+import time
+
 from bidder import world
 from bidder.featurestore import FeatureStore, UserFeatures, frequency_key, parse_servers, user_key
 from bidder.memcached_proc import EmbeddedMemcached
@@ -74,3 +79,64 @@ def test_down_server_and_too_little_time_give_unknown_counters():
 def test_bad_server_addresses_are_refused_with_the_expected_form(spec):
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_servers(spec)
+
+
+class _GarbageServer:
+    """Accepts memcached connections and answers every command with bytes that are not the
+    protocol (a broken proxy in front of a shard)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _answer(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(65536):
+                conn.sendall(b"HELLO THERE\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_shard_answering_garbage_costs_only_its_own_keys(memcached):
+    """Review 3 (R6): pymemcache drops a shard only on socket errors; one that answers garbage
+    used to fail every look-up, the healthy shard's keys with it."""
+    garbage = _GarbageServer()
+    try:
+        store = store_for(f"{memcached.address},{garbage.address}")
+        answered = sum(store.lookup([user_key(world.user_id(n))], [], 1.0)[1] is not None
+                       for n in range(100))
+        assert answered >= 95  # the first look-ups that reach the bad shard fail, then it is out
+    finally:
+        garbage.close()
+
+
+def test_impressions_billed_while_memcached_is_down_are_counted_when_it_returns():
+    """Review 3 (R9): a count that could not be written used to be lost, resetting the cap.
+    Kept writes are replayed at least once: a timed-out incr memcached did apply counts twice,
+    which errs toward fewer impressions, never more."""
+    with EmbeddedMemcached(memory_mb=16) as mc:
+        store = store_for(mc.address, timeout_ms=50.0)
+        key = frequency_key("capped", user_key("u-outage"))
+        store.count_impression(key, 600)
+        mc.process.send_signal(signal.SIGSTOP)  # hung: writes time out
+        time.sleep(0.05)  # stopped for sure (an incr that reached it would count twice)
+        try:
+            for _ in range(3):
+                store.count_impression(key, 600)
+        finally:
+            mc.process.send_signal(signal.SIGCONT)
+        time.sleep(0.6)  # past --memcached-retry-ms (500 here)
+        for _ in range(3):  # each answered look-up writes back a few kept impressions
+            store.lookup([user_key("u-outage")], [key], 1.0)
+        assert store.lookup([user_key("u-outage")], [key], 1.0)[1] == {key: 4}
