@@ -223,6 +223,7 @@ class NoticeResource:
         self.signer = signer
         self.rates = rates
         self.state = state
+        self.auction = auction
         self.capped = {c.id: c for c in auction.catalog.campaigns if c.frequency_cap}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, kind: str) -> None:
@@ -245,6 +246,7 @@ class NoticeResource:
         metrics.NOTICES.labels(kind, "booked" if new else "duplicate").inc()
         if new and kind == "billing" and not notice.test:
             metrics.SPEND_MICROS.labels(notice.campaign).inc(notice.price_micros // 1000)
+            self.auction.refresh_spend(self.state.ledger, time.monotonic(), force=True)
             campaign = self.capped.get(notice.campaign)
             if campaign is not None and notice.user_key:
                 self.state.store.count_impression(frequency_key(campaign.id, notice.user_key),

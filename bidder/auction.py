@@ -26,7 +26,7 @@ from bidder.world import inventory_key
 from models import features as F
 
 FIRST_PRICE_SHADE = 0.85  # first-price auctions (at=1): bid this share of the expected value
-SPEND_REFRESH_S = 1.0
+SPEND_REFRESH_S = 0.25  # how stale another worker's billing may be when a budget is checked
 # No-bid reasons of one imp, from the one closest to a bid.
 IMP_REASON_RANK = ("below_floor", "no_creative_fits", "no_deal_in_private_auction",
                    "floor_currency_unknown", "no_banner_size", "no_banner_imp")
@@ -112,9 +112,10 @@ class Auction:
             self._terms = (model, model.candidate_terms(self.candidate_features(model.hash_bits)))
         return self._terms[1]
 
-    def refresh_spend(self, ledger: Ledger, now: float) -> None:
-        """Stop campaigns whose billed spend reached their budget (read at most once a second)."""
-        if not self._has_budgets or now - self._spend_checked < SPEND_REFRESH_S:
+    def refresh_spend(self, ledger: Ledger, now: float, force: bool = False) -> None:
+        """Stop campaigns whose billed spend reached their budget: read every SPEND_REFRESH_S,
+        and at once (``force``) by the worker that books a billing notice."""
+        if not self._has_budgets or (not force and now - self._spend_checked < SPEND_REFRESH_S):
             return
         self._spend_checked = now
         spend = ledger.spend()

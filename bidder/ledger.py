@@ -4,7 +4,8 @@ SQLite in WAL mode, shared by the workers of one host. A notice's primary key
 is ``(kind, bid_id)``, so a notice the exchange sends twice (retries happen) is
 stored and counted once; a billing notice adds its clearing price, in integer
 USD micros, to the campaign's spend row in the same transaction. Spend is read
-back by every worker once a second to stop campaigns that reached their budget.
+back by every worker every 0.25 s (and at once by the worker that books a billing notice)
+to stop campaigns that reached their budget.
 
 Notice URLs point back at the host that bid (``--notice-url``), so each host's
 ledger holds the spend it caused; a fleet splits a campaign budget across hosts.
