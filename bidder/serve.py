@@ -51,10 +51,21 @@ def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
         "proc_name": "bidder",
         "control_socket_disable": True,  # one fixed path per user: concurrent servers would collide
         "when_ready": hooks.when_ready,
-        "pre_fork": hooks.pre_fork,
+        "pre_fork": pre_fork,
         "post_fork": hooks.post_fork,
         "child_exit": hooks.child_exit,
     }
+
+
+def pre_fork(server, worker) -> None:
+    """The CPU-slot hook, then the last good model for the new worker (a respawn or a HUP must
+    not fork with an older model than its siblings serve)."""
+    from server_hooks import hooks
+
+    hooks.pre_fork(server, worker)
+    models = getattr(server.app.callable, "models", None)
+    if models is not None:
+        models.adopt_last_good()
 
 
 class BidderApplication(BaseApplication):

@@ -257,11 +257,18 @@ def _file_digest(path: Path) -> str:
 
 
 def _prune(directory: Path, keep: Path, max_age_s: float = 3600.0) -> None:
-    """Remove snapshots unused for an hour (mapped ones stay valid: unlink keeps the pages)."""
+    """Remove snapshots unused for an hour (mapped ones stay valid: unlink keeps the pages),
+    but never one a last-good pointer names."""
     now = time.time()
+    named = set()
+    for pointer in directory.glob(LAST_GOOD_PREFIX + "*"):
+        try:
+            named.add(pointer.read_text().strip())
+        except OSError:
+            pass
     for p in directory.glob("*.npz"):
         try:
-            if p != keep and now - p.stat().st_mtime > max_age_s:
+            if p != keep and p.name not in named and now - p.stat().st_mtime > max_age_s:
                 p.unlink()
         except OSError:
             pass
@@ -269,6 +276,7 @@ def _prune(directory: Path, keep: Path, max_age_s: float = 3600.0) -> None:
 
 SNAPSHOT_DIR = Path(os.environ.get("BIDDER_MODEL_SNAPSHOTS",
                                    Path(os.environ.get("TMPDIR", "/tmp")) / f"bidder-models-{os.getuid()}"))
+LAST_GOOD_PREFIX = "last-good-"  # + a digest of the model path: names its last valid snapshot
 
 
 class ModelHandle:
@@ -290,6 +298,9 @@ class ModelHandle:
         self._lock = threading.Lock()
         self._next_check = 0.0
         self._signature = self._stat()
+        self._snapshot: Path | None = None  # the private copy ``current`` is mapped from
+        self._pointer = SNAPSHOT_DIR / (LAST_GOOD_PREFIX + hashlib.sha256(
+            str(self.path.resolve()).encode()).hexdigest()[:16])
         self.current: HashedModel = self._load()  # raises ArtifactError: no model, no server
         self.loaded_at = time.time()
         self._next_check = time.monotonic() + watch_s
@@ -306,10 +317,47 @@ class ModelHandle:
             return load(self.path, mmap=False)
         copy = snapshot(self.path)
         try:
-            return load(copy)
+            model = load(copy)
         except ArtifactError as exc:
             copy.unlink(missing_ok=True)
             raise ArtifactError(str(exc).replace(str(copy), str(self.path))) from None
+        self._snapshot = copy
+        self._point_last_good(copy)
+        return model
+
+    def _point_last_good(self, copy: Path) -> None:
+        """Name ``copy`` as the last valid version of this path (for the master: see
+        ``adopt_last_good``); a pointer that cannot be written only costs that adoption."""
+        tmp = self._pointer.with_name(f".{self._pointer.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(copy.name)
+            os.replace(tmp, self._pointer)
+        except OSError as exc:
+            log.warning("cannot record the last good model in %s: %s", self._pointer, exc)
+
+    def adopt_last_good(self) -> bool:
+        """In the master before a fork: take up the last version any worker loaded, so a new
+        worker (respawned, or after SIGHUP) serves the model its siblings serve, even when the
+        file at ``path`` has since been replaced by one that is refused. True if swapped."""
+        if not self.mmap:
+            return False
+        try:
+            name = self._pointer.read_text().strip()
+        except OSError:
+            return False
+        copy = self._pointer.with_name(name)
+        if self._snapshot is not None and copy == self._snapshot:
+            return False
+        with self._lock:
+            try:
+                model = load(copy)
+            except (ArtifactError, OSError):
+                return False  # pruned or unreadable: the master's own model stands
+            self.current, self._snapshot, self.loaded_at = model, copy, time.time()
+            self._signature = self._stat()
+        log.info("master takes up the last good model %s %s for new workers", model.kind,
+                 model.version)
+        return True
 
     def maybe_reload(self) -> bool:
         """Reload if ``watch_s`` has passed and the file changed (mtime, size, inode); True if swapped.

@@ -134,3 +134,29 @@ def test_hot_reload_under_load_never_fails_a_request(artifacts, tmp_path):
         assert 'bidder_model_reloads_total{outcome="loaded"}' in text
     finally:
         server.stop()
+
+
+def test_a_respawned_worker_serves_the_last_good_model_not_the_startup_one(artifacts, tmp_path):
+    """Review 3 (R7): good b replaces a, then a truncated file replaces b; a worker killed and
+    respawned (or all of them after SIGHUP) used to fork with the master's startup model a."""
+    model = tmp_path / "model.npz"
+    _install(artifacts["a"], model)
+    server = launch_server(tmp_path / "srv", "--workers", "2", "--model", str(model),
+                           "--model-watch-s", "0.2",
+                           env={"BIDDER_MODEL_SNAPSHOTS": str(tmp_path / "snapshots")})
+    try:
+        _install(artifacts["b"], model)
+        _wait_version(server, "b")
+        broken = tmp_path / "broken.npz"
+        broken.write_bytes(artifacts["b"].read_bytes()[:5000])
+        os.replace(broken, model)
+        time.sleep(0.5)  # both workers refuse it and keep b
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        time.sleep(1.5)
+        _wait_version(server, "b")
+        os.kill(server.master_pid, signal.SIGHUP)
+        time.sleep(2.0)
+        _wait_version(server, "b")
+        assert "takes up the last good model" in server.log()
+    finally:
+        server.stop()
