@@ -172,6 +172,8 @@ class Auction:
     def bid(self, r: BidRequest, store: FeatureStore, ledger: Ledger, model,
             deadline: float) -> BidResponse | NoBid:
         now = time.monotonic()
+        if now >= deadline:  # queued past its deadline (an overloaded worker): shed at once
+            return NoBid("deadline")
         self.refresh_spend(ledger, now)
         currency = self.response_currency(r)
         if currency is None:

@@ -165,7 +165,11 @@ def _chunked_arrival(data: bytes, at: int, body_limit: int) -> int:
     while True:
         line = data.find(b"\r\n", at)
         if line < 0:
-            return MORE if len(data) - at < 1024 else MALFORMED  # no chunk-size line is that long
+            partial = data[at:at + 1024]
+            if len(partial) == 1024 or (b";" not in partial
+                                        and partial.strip(b"0123456789abcdefABCDEF \t\r")):
+                return MALFORMED  # no chunk-size line is that long, or starts that way
+            return MORE
         digits = data[at:line].split(b";", 1)[0].strip(b" \t")
         if not digits or digits.strip(b"0123456789abcdefABCDEF"):
             return MALFORMED

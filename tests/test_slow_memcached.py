@@ -94,3 +94,22 @@ def test_a_request_queued_behind_a_slow_look_up_is_still_answered_within_tmax(sl
     assert worst < 0.060, f"answered after {worst * 1000:.0f} ms, tmax 60"
     first.close()
     second.close()
+
+
+def test_a_request_queued_past_its_deadline_is_shed_at_once(slow_store_server):
+    slow = json.dumps(site_request(tmax=200)).encode()
+    short = json.dumps(site_request(tmax=30)).encode()  # deadline: 20 ms after arrival
+    first = http.client.HTTPConnection("127.0.0.1", slow_store_server.port, timeout=5)
+    second = http.client.HTTPConnection("127.0.0.1", slow_store_server.port, timeout=5)
+    for conn in (first, second):
+        _send(conn, slow)
+        conn.getresponse().read()
+    _send(first, slow)  # ~40 ms on memcached
+    time.sleep(0.002)
+    _send(second, short)  # waits ~38 ms behind it: past its deadline before it starts
+    first.getresponse().read()
+    response = second.getresponse()
+    response.read()
+    assert response.status == 204 and response.getheader("X-Nobid-Reason") == "deadline"
+    first.close()
+    second.close()

@@ -203,6 +203,8 @@ def test_arrival_reads_the_framing():
     assert arrival(HEAD.replace(b"%d" % len(BODY), b"-1"), head, body) == MALFORMED
     assert arrival(HEAD.replace(b"%d" % len(BODY), b"%d" % (body + 1)), head, body) == TOO_LARGE
     assert arrival(chunked + b"zz\r\n", head, body) == MALFORMED
+    assert arrival(chunked + b"\x1f\x8b\x08", head, body) == MALFORMED  # gzip bytes, not chunks
+    assert arrival(chunked + b"1f", head, body) == MORE  # a size line still arriving
     assert arrival(chunked + b"-2\r\n", head, body) == MALFORMED
     assert arrival(chunked + b"0" * 1100, head, body) == MALFORMED  # a chunk-size line that long
     assert arrival(chunked + b"%x\r\n{" % (body + 1), head, body) == TOO_LARGE
