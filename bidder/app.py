@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 import zlib
 from functools import lru_cache
@@ -44,37 +45,41 @@ GZIP_MEMLEVEL = 4
 
 
 class ProcessState:
-    """Per-process resources, opened on first use in the process that uses them.
+    """Per-process, per-thread resources, opened on first use where they are used.
 
     The master only checks that they can be opened: an SQLite connection or a
-    memcached socket must not cross a fork.
+    memcached socket must not cross a fork. Each thread gets its own (the worker
+    handles bids inline and notices in its pool thread): a pymemcache client is
+    not thread-safe, and a ledger connection of its own lets a bid's spend read
+    proceed while a notice's write waits on the disk.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.servers = parse_servers(settings.memcached)
         Ledger(settings.ledger).close()  # fail at start, not on the first billing notice
-        self._store: FeatureStore | None = None
-        self._ledger: Ledger | None = None
+        self._local = threading.local()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
-        self._store = None
-        self._ledger = None
+        self._local = threading.local()
 
     @property
     def store(self) -> FeatureStore:
-        if self._store is None:
+        store = getattr(self._local, "store", None)
+        if store is None:
             s = self.settings
-            self._store = FeatureStore(self.servers, s.memcached_connect_timeout_ms,
-                                       s.memcached_timeout_ms, s.memcached_retry_ms)
-        return self._store
+            store = self._local.store = FeatureStore(
+                self.servers, s.memcached_connect_timeout_ms, s.memcached_timeout_ms,
+                s.memcached_retry_ms)
+        return store
 
     @property
     def ledger(self) -> Ledger:
-        if self._ledger is None:
-            self._ledger = Ledger(self.settings.ledger)
-        return self._ledger
+        ledger = getattr(self._local, "ledger", None)
+        if ledger is None:
+            ledger = self._local.ledger = Ledger(self.settings.ledger)
+        return ledger
 
 
 class BidResource:

@@ -63,6 +63,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", "--threads", 1, "Request threads per worker. The bid path is CPU-bound "
             "and holds the GIL, so 1 keeps one request per pinned core; keep-alive connections "
             "wait in the worker's poller, not in a thread.", type=int),
+    Setting("offload_paths", "--offload-paths", "/notice/",
+            "Path prefixes (comma-separated) whose requests go to the worker's thread pool "
+            "instead of being handled inline with --threads 1: win and billing notices write "
+            "the SQLite ledger (fsync, lock waits), which must not hold up bids. Empty: none.",
+            metavar="PREFIX,..."),
     Setting("keepalive", "--keepalive", 30, "Seconds an idle keep-alive connection is held open.",
             type=int),
     Setting("worker_connections", "--worker-connections", 1000,

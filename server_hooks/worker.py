@@ -36,7 +36,10 @@ incomplete :data:`ARRIVAL_S` after it was first seen is answered 408 and
 closed. ``Expect: 100-continue`` gets its ``100 Continue`` while waiting (the
 client sends the body only after it). Bytes that cannot become a valid request
 (more than the largest head and body allowed) go to the parser at once, which
-rejects them as before.
+rejects them as before. Requests whose path starts with one of the app's
+``offload_paths`` (the bidder's win and billing notices, which write its
+SQLite ledger) go to gthread's pool thread instead, so their disk writes and
+lock waits never hold up the bids behind them.
 
 The same peek reads the kernel's receive timestamp of the request's first bytes
 (``SO_TIMESTAMPNS``), and that is the arrival the app measures ``tmax`` from
@@ -78,6 +81,7 @@ ARRIVAL_S = 3.0
 
 # One MSG_PEEK of this much sees any ordinary request whole; a larger one is read in pieces.
 PEEK_BYTES = 65536
+HEAD_PEEK = 256  # bytes kept of a request's start: its method and path, for offloading
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 # What arrival() finds at the head of a connection's bytes.
@@ -197,6 +201,7 @@ class BalancedThreadWorker(ThreadWorker):
     _shed_at: int | None = None  # nr_conns when the last shed was decided: one in flight
     _checked_at: int | None = None  # nr_conns when eligibility was last decided
     _gated = False  # requests wait in the poller until whole (--threads 1, see _gate_requests)
+    _offload: tuple = ()  # path prefixes handled in the thread pool (see _dispatch)
     _arriving: deque | tuple = ()  # empty unless gated
     _continued: set | frozenset = frozenset()  # idem
 
@@ -258,6 +263,9 @@ class BalancedThreadWorker(ThreadWorker):
         self._head_limit = line + 2 + cfg.limit_request_fields * (field + 2) + 2
         settings = getattr(self.app, "settings", None)
         body = getattr(settings, "max_body_bytes", 0) or 1024 * 1024
+        self._offload = tuple(b" " + p.strip().encode() for p in
+                              (getattr(settings, "offload_paths", "") or "").split(",") if p.strip())
+        self._head: bytes = b""  # the first bytes of the request being checked
         self._body_limit = body + body // 8 + 1024
         self._window = self._head_limit + self._body_limit
         self._arriving: deque = deque()  # connections with a partial request, oldest first
@@ -323,7 +331,7 @@ class BalancedThreadWorker(ThreadWorker):
         if state == MORE or state == CONTINUE:
             state = self._collect(conn)
         if state == READY:
-            self._handle_inline(conn, self._arrived_at)
+            self._dispatch(conn, self._arrived_at)
         elif state == GONE:
             self._drop(conn)
         elif state in REFUSALS:
@@ -346,6 +354,7 @@ class BalancedThreadWorker(ThreadWorker):
             return GONE
         if not data:
             return GONE
+        self._head = data[:HEAD_PEEK]
         if ancillary:
             seconds, nanoseconds = struct.unpack_from("ll", ancillary[0][2])
             queued = time.time() - seconds - nanoseconds * 1e-9
@@ -374,6 +383,7 @@ class BalancedThreadWorker(ThreadWorker):
                 break
             buf.write(chunk)
         data = buf.getvalue()
+        self._head = data[:HEAD_PEEK]
         state = arrival(data, self._head_limit, self._body_limit)
         if (state == MORE or state == CONTINUE) and len(data) >= self._window:
             state = READY  # more than a valid request can be: the parser rejects it
@@ -395,7 +405,7 @@ class BalancedThreadWorker(ThreadWorker):
         self._arriving.remove(conn)
         if state == READY:
             conn.data_ready = True
-            self._handle_inline(conn, conn.arrived_at)
+            self._dispatch(conn, conn.arrived_at)
         elif state in REFUSALS:
             self._refuse(conn, state)
         else:
@@ -427,6 +437,16 @@ class BalancedThreadWorker(ThreadWorker):
         self._continued.discard(conn)
         self.nr_conns -= 1
         conn.close()
+
+    def _dispatch(self, conn, arrived_at: float | None) -> None:
+        """A whole request: inline, or to the thread pool when its path is offloaded (slow
+        writes such as the ledger's must not hold up the requests behind them)."""
+        if self._offload:
+            target = self._head[self._head.find(b" "):]
+            if target.startswith(self._offload):
+                conn.data_ready = True
+                return ThreadWorker.enqueue_req(self, conn)
+        self._handle_inline(conn, arrived_at)
 
     def _handle_inline(self, conn, arrived_at: float | None = None) -> None:
         """Handle ``conn``'s request now; ``arrived_at``: when the kernel received its first

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -204,3 +205,31 @@ def test_silent_and_stalled_clients_do_not_block_the_worker(start_server):
     finally:
         silent.close()
         stalled.close()
+
+
+def test_a_notice_waiting_on_the_ledger_does_not_hold_up_bids(start_server, memcached, tmp_path):
+    """Review 3 (R4): notices are handled in the worker's pool thread, not inline with bids:
+    while the ledger's write lock is held elsewhere (a backup, another process), a billing
+    notice waits for it and bids on other connections are answered as usual."""
+    ledger_path = tmp_path / "ledger.sqlite3"
+    server = start_server("--workers", "1", "--ledger", str(ledger_path),
+                          memcached=memcached.address)
+    bid = one_bid(server)
+    blocker = sqlite3.connect(ledger_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # hold the write lock
+    results: list[int] = []
+    notice = threading.Thread(target=lambda: results.append(
+        server.request("GET", notice_path(bid["burl"], "0.01"), timeout=10)[0]))
+    notice.start()
+    time.sleep(0.2)  # the notice is waiting on the lock now
+    worst = 0.0
+    for _ in range(10):
+        started = time.monotonic()
+        assert server.bid(site_request())[0] == 200
+        worst = max(worst, time.monotonic() - started)
+    assert notice.is_alive()  # still waiting: it was not answered by some shortcut
+    blocker.execute("COMMIT")
+    blocker.close()
+    notice.join(10)
+    assert results == [200]
+    assert worst < 0.2, f"a bid took {worst * 1000:.0f} ms behind the waiting notice"
