@@ -147,7 +147,9 @@ def compare(a: Sequence[float], b: Sequence[float], alpha: float = 0.05,
     p = permutation_pvalue(a, b, seed=seed)
     excludes_one = math.isfinite(low) and (low > 1.0 or high < 1.0)
     floor_p = smallest_pvalue(len(a), len(b))
-    if excludes_one and p <= alpha:
+    if min(len(a), len(b)) < 2:  # one run an arm: the "interval" is a single point
+        verdict = "one run per arm: no interval, no test"
+    elif excludes_one and p <= alpha:
         verdict = "significant"
     elif floor_p > alpha:
         verdict = ("suggestive (CI excludes 1" if excludes_one else "no difference seen (") + (

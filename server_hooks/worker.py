@@ -202,6 +202,7 @@ class BalancedThreadWorker(ThreadWorker):
     _checked_at: int | None = None  # nr_conns when eligibility was last decided
     _gated = False  # requests wait in the poller until whole (--threads 1, see _gate_requests)
     _offload: tuple = ()  # path prefixes handled in the thread pool (see _dispatch)
+    _keepalive_full = False  # the keep-alive limit was reached (logged once)
     _arriving: deque | tuple = ()  # empty unless gated
     _continued: set | frozenset = frozenset()  # idem
 
@@ -462,6 +463,12 @@ class BalancedThreadWorker(ThreadWorker):
         self.finish_request(conn, done)
 
     def handle_request(self, req, conn):
+        if len(self.keepalived_conns) >= self.max_keepalived and not self._keepalive_full:
+            self._keepalive_full = True  # said once: gthread now closes after every answer
+            self.log.warning("worker pid=%s holds %d keep-alive connections, its limit "
+                             "(--worker-connections less --threads): new answers close their "
+                             "connection; raise --worker-connections or add workers",
+                             self.pid, len(self.keepalived_conns))
         conns = self._conns
         if self._joined and conns >= 2 and conns != self._shed_at \
                 and self.board.any_below(conns - 1):

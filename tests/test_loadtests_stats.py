@@ -51,6 +51,8 @@ def test_compare_verdicts():
     assert same.ci_low <= 1.0 <= same.ci_high
     few = stats.compare([10.0, 11.0, 12.0], [1.0, 2.0, 3.0])
     assert few.verdict.startswith("suggestive") and "too few reps" in few.verdict
+    single = stats.compare([10.0], [1.0])  # review 3: one run an arm was called "suggestive"
+    assert single.verdict == "one run per arm: no interval, no test"
 
 
 def test_compare_of_zero_counts_is_nan_not_a_crash():
