@@ -210,7 +210,8 @@ class Auction:
         if uncapped != campaigns:  # plan again the imps a capped campaign could have taken
             plans = self.replan(plans, uncapped, r.at)
 
-        shared = F.shared_indices(self.request_fields(r), user.segments, model.hash_bits)
+        shared = model.shared_terms(
+            F.shared_indices(self.request_fields(r), user.segments, model.hash_bits))
         terms = self.scoring_terms(model)
         seats: dict[str, list[Bid]] = {}
         outcomes: list[ImpPlan | NoBid] = []
@@ -309,7 +310,7 @@ class Auction:
             return NoBid("no_creative_fits")
         return ImpPlan(imp, eligible, present, deal_of)
 
-    def bid_imp(self, r: BidRequest, plan: ImpPlan, shared: np.ndarray,
+    def bid_imp(self, r: BidRequest, plan: ImpPlan, shared: tuple,
                 terms: tuple[np.ndarray, ...], model, currency: str,
                 identity: str) -> tuple[str, Bid] | NoBid:
         cat = self.catalog

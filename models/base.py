@@ -68,15 +68,20 @@ class HashedModel(ABC):
 
     @abstractmethod
     def candidate_terms(self, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The candidate side of the logit of rows ``shared ++ candidates[i]``, computed once per
-        candidate matrix (the catalog's) so that scoring a request only adds the shared side."""
+        """The candidate side of the calibrated half-logit ``(a * logit + b) / 2`` of rows
+        ``shared ++ candidates[i]``, computed once per candidate matrix (the catalog's) and
+        model, so that scoring a request adds only its shared side."""
         ...
 
     @abstractmethod
-    def decision_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
-                       rows: np.ndarray | slice) -> np.ndarray:
-        """Uncalibrated logit of rows ``shared ++ candidates[rows]`` from
-        ``candidate_terms(candidates)`` (float64, a new array)."""
+    def shared_terms(self, shared: np.ndarray) -> tuple:
+        """The shared side of that half-logit: once per request, whatever its number of imps."""
+        ...
+
+    @abstractmethod
+    def _half_logit(self, shared_terms: tuple, terms: tuple[np.ndarray, ...],
+                    rows: np.ndarray | slice) -> np.ndarray:
+        """``(a * logit + b) / 2`` of rows ``shared ++ candidates[rows]`` (float64, a new array)."""
         ...
 
     @abstractmethod
@@ -111,13 +116,20 @@ class HashedModel(ABC):
 
     def predict_proba_shared(self, shared: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Calibrated P(click) of each row ``shared ++ candidates[i]``."""
-        return self.predict_proba_terms(shared, self.candidate_terms(candidates), slice(None))
+        return self.predict_proba_terms(self.shared_terms(shared),
+                                        self.candidate_terms(candidates), slice(None))
 
-    def predict_proba_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
+    def predict_proba_terms(self, shared_terms: tuple, terms: tuple[np.ndarray, ...],
                             rows: np.ndarray | slice) -> np.ndarray:
-        """Calibrated P(click) of rows ``shared ++ candidates[rows]``: the bid path's one call,
-        with ``terms = candidate_terms(candidates)`` kept from one request to the next."""
-        return self._calibrate(self.decision_terms(shared, terms, rows))
+        """Calibrated P(click) of rows ``shared ++ candidates[rows]``: the bid path's one call
+        per imp, with ``terms = candidate_terms(candidates)`` kept from one request to the next
+        and ``shared_terms(shared)`` computed once per request. Calibration is folded into the
+        terms, so this is ``(1 + tanh(half-logit)) / 2``: four array operations."""
+        z = self._half_logit(shared_terms, terms, rows)
+        np.tanh(z, out=z)
+        z *= 0.5
+        z += 0.5
+        return z
 
     @property
     def calibration(self) -> np.ndarray:

@@ -47,12 +47,12 @@ def time_call(model: HashedModel, n: int, min_time_s: float, rng: np.random.Gene
     terms = model.candidate_terms(cands)
     rows = np.arange(n)
     for _ in range(20):
-        model.predict_proba_terms(shared, terms, rows)
+        model.predict_proba_terms(model.shared_terms(shared), terms, rows)
     times = []
     deadline = time.perf_counter() + min_time_s
     while time.perf_counter() < deadline or len(times) < 50:
         t0 = time.perf_counter()
-        model.predict_proba_terms(shared, terms, rows)
+        model.predict_proba_terms(model.shared_terms(shared), terms, rows)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 

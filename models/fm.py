@@ -61,22 +61,25 @@ class FactorizationMachine(FTRLLogisticRegression):
         return super().decision_function(X) + 0.5 * inter, s
 
     def candidate_terms(self, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``(w_c + (|s_c|^2 - q_c) / 2, s_c)`` per candidate: with the shared side's ``s_r`` and
-        ``q_r``, ``|s_r + s_c|^2 = |s_r|^2 + 2 s_r.s_c + |s_c|^2`` leaves one product per request."""
-        (linear,) = super().candidate_terms(candidates)
+        """``a/2 * (w_c + (|s_c|^2 - q_c) / 2)`` and ``a/2 * s_c`` per candidate: with the shared
+        side's ``s_r`` and ``q_r``, ``|s_r + s_c|^2 = |s_r|^2 + 2 s_r.s_c + |s_c|^2`` leaves one
+        matrix-vector product per request."""
         ones = _ones(candidates.shape[1], self.V.dtype)
         s_c = np.asarray(ones @ self.V[candidates], dtype=np.float64)  # (n, k)
         q_c = self.v_sq[candidates] @ ones
-        return linear + 0.5 * (np.einsum("ij,ij->i", s_c, s_c) - q_c), s_c
+        constant = self._linear(candidates) + 0.5 * (np.einsum("ij,ij->i", s_c, s_c) - q_c)
+        return self._half_a * constant, self._half_a * s_c
 
-    def decision_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
-                       rows: np.ndarray | slice) -> np.ndarray:
-        w, V = self.w, self.V
-        constant, s_c = terms
-        s_r = np.asarray(_ones(len(shared), V.dtype) @ V[shared], dtype=np.float64)  # (k,)
+    def shared_terms(self, shared: np.ndarray) -> tuple:
+        s_r = np.asarray(_ones(len(shared), self.V.dtype) @ self.V[shared], dtype=np.float64)
         q_r = float(np.add.reduce(self.v_sq[shared], dtype=np.float64))
-        base = (float(w[self.bias_index]) + float(np.add.reduce(w[shared], dtype=np.float64))
-                + 0.5 * (float(s_r @ s_r) - q_r))
+        base = self._shared_linear(shared) + 0.5 * (float(s_r @ s_r) - q_r)
+        return self._half_a * base + self._half_b, s_r
+
+    def _half_logit(self, shared_terms: tuple, terms: tuple[np.ndarray, ...],
+                    rows: np.ndarray | slice) -> np.ndarray:
+        constant, s_c = terms
+        base, s_r = shared_terms
         z = s_c[rows] @ s_r
         z += constant[rows]
         z += base

@@ -56,16 +56,26 @@ class FTRLLogisticRegression(HashedModel):
         return np.add(w[X] @ _ones(X.shape[1], w.dtype), float(w[self.bias_index]),
                       dtype=np.float64)
 
-    def candidate_terms(self, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``(sum of w over each candidate's indices,)``."""
+    def _linear(self, candidates: np.ndarray) -> np.ndarray:
+        """Sum of ``w`` over each candidate row's indices (float64)."""
         w = self.w
-        return (np.asarray(w[candidates] @ _ones(candidates.shape[1], w.dtype), dtype=np.float64),)
+        return np.asarray(w[candidates] @ _ones(candidates.shape[1], w.dtype), dtype=np.float64)
 
-    def decision_terms(self, shared: np.ndarray, terms: tuple[np.ndarray, ...],
-                       rows: np.ndarray | slice) -> np.ndarray:
+    def _shared_linear(self, shared: np.ndarray) -> float:
+        """The bias plus the sum of ``w`` over the shared indices."""
         w = self.w
-        base = float(w[self.bias_index]) + float(np.add.reduce(w[shared], dtype=np.float64))
-        return np.add(terms[0][rows], base)
+        return float(w[self.bias_index]) + float(np.add.reduce(w[shared], dtype=np.float64))
+
+    def candidate_terms(self, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(a/2 * sum of w over each candidate's indices,)``."""
+        return (self._half_a * self._linear(candidates),)
+
+    def shared_terms(self, shared: np.ndarray) -> tuple:
+        return (self._half_a * self._shared_linear(shared) + self._half_b,)
+
+    def _half_logit(self, shared_terms: tuple, terms: tuple[np.ndarray, ...],
+                    rows: np.ndarray | slice) -> np.ndarray:
+        return np.add(terms[0][rows], shared_terms[0])
 
     def _update(self, X: np.ndarray, y: np.ndarray) -> None:
         self._ftrl_step(X, sigmoid_(self.decision_function(X)) - y)

@@ -55,7 +55,7 @@ def test_kept_candidate_terms_score_any_subset_and_stay_unchanged(model):
     terms = model.candidate_terms(cands)
     before = [t.copy() for t in terms]
     for rows in (np.array([0]), np.array([len(cands) - 1, 2, 0]), np.arange(len(cands))):
-        p = model.predict_proba_terms(shared, terms, rows)
+        p = model.predict_proba_terms(model.shared_terms(shared), terms, rows)
         np.testing.assert_allclose(p, model.predict_proba(rows_from_shared(shared, cands[rows])),
                                    rtol=1e-9)
     for t, b in zip(terms, before):
