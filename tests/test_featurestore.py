@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import signal
-import socket
-import threading
 import time
 
 from bidder import world
 from bidder.featurestore import FeatureStore, UserFeatures, frequency_key, parse_servers, user_key
 from bidder.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
+from tests.fakes import GarbageServer
 
 import pytest
 
@@ -81,37 +80,10 @@ def test_bad_server_addresses_are_refused_with_the_expected_form(spec):
         parse_servers(spec)
 
 
-class _GarbageServer:
-    """Accepts memcached connections and answers every command with bytes that are not the
-    protocol (a broken proxy in front of a shard)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _answer(conn: socket.socket) -> None:
-        with conn:
-            while conn.recv(65536):
-                conn.sendall(b"HELLO THERE\r\n")
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_a_shard_answering_garbage_costs_only_its_own_keys(memcached):
     """Review 3 (R6): pymemcache drops a shard only on socket errors; one that answers garbage
     used to fail every look-up, the healthy shard's keys with it."""
-    garbage = _GarbageServer()
+    garbage = GarbageServer()
     try:
         store = store_for(f"{memcached.address},{garbage.address}")
         answered = sum(store.lookup([user_key(world.user_id(n))], [], 1.0)[1] is not None

@@ -103,12 +103,17 @@ def _wait_version(server, version, timeout=20.0):
     raise AssertionError(f"workers did not all switch to {version}: {_versions(server)}\n{server.log()[-3000:]}")
 
 
+def _serve_watched(first, live, tmp_path):
+    """Two workers serving ``live`` (a copy of ``first``), watched every 0.2 s."""
+    _install(first, live)
+    return launch_server(tmp_path / "srv", "--workers", "2", "--model", str(live),
+                         "--model-watch-s", "0.2",
+                         env={"BIDDER_MODEL_SNAPSHOTS": str(tmp_path / "snapshots")})
+
+
 def test_hot_reload_under_load_never_fails_a_request(artifacts, tmp_path):
     live = tmp_path / "model.npz"
-    _install(artifacts["a"], live)
-    server = launch_server(tmp_path / "srv", "--workers", "2", "--model", str(live),
-                           "--model-watch-s", "0.2",
-                           env={"BIDDER_MODEL_SNAPSHOTS": str(tmp_path / "snapshots")})
+    server = _serve_watched(artifacts["a"], live, tmp_path)
     try:
         assert _versions(server) == {"a"}
         load = Load(server.port)
@@ -140,10 +145,7 @@ def test_a_respawned_worker_serves_the_last_good_model_not_the_startup_one(artif
     """Review 3 (R7): good b replaces a, then a truncated file replaces b; a worker killed and
     respawned (or all of them after SIGHUP) used to fork with the master's startup model a."""
     model = tmp_path / "model.npz"
-    _install(artifacts["a"], model)
-    server = launch_server(tmp_path / "srv", "--workers", "2", "--model", str(model),
-                           "--model-watch-s", "0.2",
-                           env={"BIDDER_MODEL_SNAPSHOTS": str(tmp_path / "snapshots")})
+    server = _serve_watched(artifacts["a"], model, tmp_path)
     try:
         _install(artifacts["b"], model)
         _wait_version(server, "b")

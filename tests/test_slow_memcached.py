@@ -5,51 +5,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 import time
 
 import pytest
 
 from tests.conftest import launch_server
+from tests.fakes import DelayingProxy
 from tests.test_bid_http import CATALOG, site_request
 
 DELAY_S = 0.040
-
-
-class DelayingProxy:
-    """TCP proxy to ``upstream`` that holds every answer for ``delay_s`` (a far or busy shard)."""
-
-    def __init__(self, upstream: tuple[str, int], delay_s: float) -> None:
-        self.upstream, self.delay_s = upstream, delay_s
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, server, 0.0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, self.delay_s),
-                             daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, delay_s: float) -> None:
-        try:
-            while data := src.recv(65536):
-                time.sleep(delay_s)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            dst.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture
