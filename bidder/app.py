@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import zlib
+from collections import deque
 from functools import lru_cache
 from urllib.parse import parse_qsl
 
@@ -23,7 +24,7 @@ from bidder import catalog as catalog_mod
 from bidder import metrics
 from bidder.auction import Auction, NoBid
 from bidder.currency import Rates, to_micros
-from bidder.featurestore import FeatureStore, frequency_key, parse_servers
+from bidder.featurestore import UNWRITTEN_MAX, FeatureStore, frequency_key, parse_servers
 from bidder.ledger import Ledger, Notice
 from bidder.notices import NoticeError, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
@@ -59,10 +60,12 @@ class ProcessState:
         self.servers = parse_servers(settings.memcached)
         Ledger(settings.ledger).close()  # fail at start, not on the first billing notice
         self._local = threading.local()
+        self._unwritten: deque = deque(maxlen=UNWRITTEN_MAX)  # shared by this process's stores
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._local = threading.local()
+        self._unwritten = deque(maxlen=UNWRITTEN_MAX)
 
     @property
     def store(self) -> FeatureStore:
@@ -71,7 +74,7 @@ class ProcessState:
             s = self.settings
             store = self._local.store = FeatureStore(
                 self.servers, s.memcached_connect_timeout_ms, s.memcached_timeout_ms,
-                s.memcached_retry_ms)
+                s.memcached_retry_ms, self._unwritten)
         return store
 
     @property

@@ -127,7 +127,8 @@ class FeatureStore:
     """Per-worker memcached client (create it after fork: sockets are not shared)."""
 
     def __init__(self, servers: list[tuple[str, int]], connect_timeout_ms: float,
-                 timeout_ms: float, retry_ms: float) -> None:
+                 timeout_ms: float, retry_ms: float,
+                 unwritten: deque[tuple[str, int]] | None = None) -> None:
         self.servers = servers
         self.timeout_s = timeout_ms / 1000.0
         self.retry_s = retry_ms / 1000.0
@@ -143,8 +144,9 @@ class FeatureStore:
             self.client = ShardIsolatingHashClient(
                 servers, hasher=Crc32Rendezvous, retry_attempts=0, dead_timeout=self.retry_s,
                 ignore_exc=False, **options)
-        # billed impressions whose counter could not be written: replayed once memcached answers
-        self._unwritten: deque[tuple[str, int]] = deque(maxlen=UNWRITTEN_MAX)
+        # billed impressions whose counter could not be written, replayed once memcached answers:
+        # shared by the stores of one process's threads, so whichever sees it answer writes them
+        self._unwritten = deque(maxlen=UNWRITTEN_MAX) if unwritten is None else unwritten
 
     def lookup(self, user_keys: list[str], counter_keys: list[str],
                time_left_s: float) -> tuple[UserFeatures, dict[str, int] | None]:
@@ -205,14 +207,17 @@ class FeatureStore:
 
     def _replay(self, limit: int) -> None:
         """Write up to ``limit`` kept impressions (a few per call: the bid thread runs this)."""
-        for _ in range(min(limit, len(self._unwritten))):
-            key, window_s = self._unwritten[0]
+        for _ in range(limit):
+            try:
+                key, window_s = self._unwritten.popleft()  # atomic: no other thread writes it too
+            except IndexError:
+                return
             try:
                 self._increment(key, window_s)
             except Exception as exc:
+                self._unwritten.appendleft((key, window_s))
                 self._failed(exc)
                 return
-            self._unwritten.popleft()
 
     def _failed(self, exc: Exception) -> None:
         if isinstance(self.client, Client):

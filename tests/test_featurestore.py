@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import deque
 
 from bidder import world
 from bidder.featurestore import FeatureStore, UserFeatures, frequency_key, parse_servers, user_key
@@ -95,20 +96,24 @@ def test_a_shard_answering_garbage_costs_only_its_own_keys(memcached):
 
 def test_impressions_billed_while_memcached_is_down_are_counted_when_it_returns():
     """Review 3 (R9): a count that could not be written used to be lost, resetting the cap.
-    Kept writes are replayed at least once: a timed-out incr memcached did apply counts twice,
-    which errs toward fewer impressions, never more."""
+    The notice thread keeps it; the bid thread's next answered look-ups write it (review 4:
+    each thread has its own store, so the kept queue is shared). Kept writes are replayed at
+    least once: a timed-out incr memcached did apply counts twice, toward fewer impressions."""
     with EmbeddedMemcached(memory_mb=16) as mc:
-        store = store_for(mc.address, timeout_ms=50.0)
+        kept: deque = deque()
+        notices = FeatureStore(parse_servers(mc.address), 200.0, 50.0, 500.0, kept)
+        bids = FeatureStore(parse_servers(mc.address), 200.0, 50.0, 500.0, kept)
         key = frequency_key("capped", user_key("u-outage"))
-        store.count_impression(key, 600)
+        notices.count_impression(key, 600)
         mc.process.send_signal(signal.SIGSTOP)  # hung: writes time out
         time.sleep(0.05)  # stopped for sure (an incr that reached it would count twice)
         try:
             for _ in range(3):
-                store.count_impression(key, 600)
+                notices.count_impression(key, 600)
         finally:
             mc.process.send_signal(signal.SIGCONT)
-        time.sleep(0.6)  # past --memcached-retry-ms (500 here)
-        for _ in range(3):  # each answered look-up writes back a few kept impressions
-            store.lookup([user_key("u-outage")], [key], 1.0)
-        assert store.lookup([user_key("u-outage")], [key], 1.0)[1] == {key: 4}
+        assert len(kept) == 3
+        for _ in range(2):  # each answered look-up writes back a few kept impressions
+            bids.lookup([user_key("u-outage")], [key], 1.0)
+        assert not kept
+        assert bids.lookup([user_key("u-outage")], [key], 1.0)[1] == {key: 4}
