@@ -31,6 +31,7 @@ log = logging.getLogger("bidder.featurestore")
 KEY_PREFIX = "u:"
 UNWRITTEN_MAX = 10_000  # billed impressions kept per worker while memcached cannot count them
 REPLAY_PER_CALL = 2  # kept impressions written per look-up or notice once it answers again
+AFTER_LOOKUP_S = 0.005  # what scoring and answering need after a look-up, kept free of it
 PROBE_KEY = "readyz-probe"  # read by /readyz when no look-up reached memcached lately
 STATUS_FRESH_S = 5.0
 MAX_PLAIN_ID = 200  # memcached keys are at most 250 bytes of printable ASCII without spaces
@@ -153,9 +154,12 @@ class FeatureStore:
         """Features of the first user key found, and the frequency counters that exist.
 
         Default features on a miss; default features and ``None`` counters (unknown, so
-        capped campaigns must not bid) on a fault or with too little time left.
+        capped campaigns must not bid) on a fault, or when less than a timeout and
+        ``AFTER_LOOKUP_S`` is left.
         """
-        if not user_keys or self.client is None or time_left_s < self.timeout_s \
+        # a look-up may take its whole timeout, and scoring must follow it before the deadline
+        if not user_keys or self.client is None \
+                or time_left_s < self.timeout_s + AFTER_LOOKUP_S \
                 or (self._down_until and time.monotonic() < self._down_until):
             metrics.child(metrics.FEATURE_STORE, "skipped").inc()
             return DEFAULT_FEATURES, None
