@@ -200,7 +200,8 @@ class Auction:
         uncapped = campaigns
         allowance: dict[int, int] = {}  # capped campaign -> impressions it may still bid for
         for i, c, key in capped:  # unknown counts (no user id, store down) never break a cap
-            left = 0 if counters is None else c.frequency_cap.impressions - counters.get(key, 0)
+            count = None if counters is None else counters.get(key, 0)
+            left = 0 if count is None else c.frequency_cap.impressions - count
             if left > 0:
                 allowance[i] = left
             else:

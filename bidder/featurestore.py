@@ -4,9 +4,8 @@ One ``get_many`` per bid request fetches every id the request carries
 (``user.buyeruid``, ``user.id``, ``device.ifa``); the first hit wins. Values are
 msgpack arrays (``UserFeatures`` as ``array_like``): compact, schema-checked on
 decode, no pickle. A fault (refused, timed out, garbage) answers with default
-features, and that server is left alone for ``retry_ms`` (several servers: it
-leaves the ring, whatever the fault; one server: no look-ups until then): the bid
-is still answered in time. Billed impressions whose frequency counter cannot be
+features, and that server is left alone for ``retry_ms``, its keys unknown
+meanwhile (never re-homed to another server): the bid is still answered in time. Billed impressions whose frequency counter cannot be
 written meanwhile are kept and written once memcached answers (at least once: a
 timed-out write memcached did apply counts twice, toward fewer impressions).
 """
@@ -21,7 +20,6 @@ from functools import lru_cache
 
 import msgspec
 from pymemcache.client.base import Client
-from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
 
 from bidder import metrics
@@ -69,21 +67,6 @@ class UserFeaturesSerde:
             return None
 
 
-class ShardIsolatingHashClient(HashClient):
-    """HashClient that takes a shard out of the ring on any fault: pymemcache does so only for
-    socket errors, so a shard answering garbage or closing mid-answer (a broken proxy) failed
-    every look-up, the healthy shards' keys with it, for as long as it lasted."""
-
-    def _safely_run_func(self, client, func, default_val, *args, **kwargs):
-        try:
-            return super()._safely_run_func(client, func, default_val, *args, **kwargs)
-        except OSError:
-            raise  # already marked by HashClient
-        except Exception:
-            self._mark_failed_server(client.server)
-            raise
-
-
 class Crc32Rendezvous(RendezvousHash):
     """HashClient's rendezvous hashing with zlib's C crc32 instead of pure-Python murmur3,
     which cost ~5 % of a worker's CPU per look-up key (measured with py-spy)."""
@@ -124,8 +107,26 @@ def parse_servers(spec: str) -> list[tuple[str, int]]:
     return servers
 
 
+class Shard:
+    """One memcached server: its client and, after a fault, when to try it again."""
+
+    def __init__(self, server: tuple[str, int], options: dict) -> None:
+        self.name = f"{server[0]}:{server[1]}"  # the node name HashClient (the seeder) uses
+        self.client = Client(server, **options)
+        self.down_until = 0.0
+
+    def down(self, now: float) -> bool:
+        return now < self.down_until
+
+
 class FeatureStore:
-    """Per-worker memcached client (create it after fork: sockets are not shared)."""
+    """Per-thread memcached access (create it after fork: sockets are not shared).
+
+    Keys go to servers by the seeder's rendezvous hashing over a fixed ring: a server that
+    fails is left alone for ``retry_ms`` and its keys are *unknown* meanwhile, never read from
+    another server (where a frequency counter would read 0 and let a capped user through, and
+    a billed impression would be counted where nobody reads it once the server is back).
+    """
 
     def __init__(self, servers: list[tuple[str, int]], connect_timeout_ms: float,
                  timeout_ms: float, retry_ms: float,
@@ -136,72 +137,92 @@ class FeatureStore:
         self.last_error: str | None = None
         options = dict(serde=UserFeaturesSerde(), connect_timeout=connect_timeout_ms / 1000.0,
                        timeout=timeout_ms / 1000.0, no_delay=True, default_noreply=False)
-        self.client: Client | HashClient | None = None
-        self._down_until = 0.0  # one server: after a fault, no look-ups until then
-        self._answered_at = float("-inf")  # when memcached last answered a look-up
-        if len(servers) == 1:  # no ring to walk: the plain client, ~6 % of a bid's CPU less
-            self.client = Client(servers[0], **options)
-        elif servers:  # HashClient drops a failed server from the ring for retry_ms
-            self.client = ShardIsolatingHashClient(
-                servers, hasher=Crc32Rendezvous, retry_attempts=0, dead_timeout=self.retry_s,
-                ignore_exc=False, **options)
+        self.shards = {shard.name: shard for shard in (Shard(s, options) for s in servers)}
+        self._ring = Crc32Rendezvous()
+        for name in self.shards:
+            self._ring.add_node(name)
+        self._only = next(iter(self.shards.values())) if len(self.shards) == 1 else None
+        self._answered_at = float("-inf")  # when memcached last answered
         # billed impressions whose counter could not be written, replayed once memcached answers:
         # shared by the stores of one process's threads, so whichever sees it answer writes them
         self._unwritten = deque(maxlen=UNWRITTEN_MAX) if unwritten is None else unwritten
 
-    def lookup(self, user_keys: list[str], counter_keys: list[str],
-               time_left_s: float) -> tuple[UserFeatures, dict[str, int] | None]:
-        """Features of the first user key found, and the frequency counters that exist.
+    def shard_of(self, key: str) -> Shard:
+        return self._only or self.shards[self._ring.get_node(key)]
 
-        Default features on a miss; default features and ``None`` counters (unknown, so
-        capped campaigns must not bid) on a fault, or when less than a timeout and
-        ``AFTER_LOOKUP_S`` is left.
+    def lookup(self, user_keys: list[str], counter_keys: list[str],
+               time_left_s: float) -> tuple[UserFeatures, dict[str, int | None] | None]:
+        """Features of the first user key found, and the frequency counters: a count, absent
+        when 0, ``None`` when unknown (its server failed), so capped campaigns must not bid.
+
+        Default features on a miss; default features and ``None`` for all counters on a fault
+        of every server asked, or when less than a timeout and ``AFTER_LOOKUP_S`` is left.
         """
-        # a look-up may take its whole timeout, and scoring must follow it before the deadline
-        if not user_keys or self.client is None \
-                or time_left_s < self.timeout_s + AFTER_LOOKUP_S \
-                or (self._down_until and time.monotonic() < self._down_until):
+        if not user_keys or not self.shards or time_left_s < self.timeout_s + AFTER_LOOKUP_S:
             metrics.child(metrics.FEATURE_STORE, "skipped").inc()
             return DEFAULT_FEATURES, None
-        try:
-            found = self.client.get_many(user_keys + counter_keys)
-        except Exception as exc:  # refused, timeout, protocol error: all degrade the same way
-            self._failed(exc)
-            metrics.child(metrics.FEATURE_STORE, "error").inc()
+        keys = user_keys + counter_keys
+        if self._only is not None:
+            groups = {self._only.name: keys}
+        else:
+            groups = {}
+            for key in keys:
+                groups.setdefault(self._ring.get_node(key), []).append(key)
+        now = time.monotonic()
+        found: dict = {}
+        unknown: list[str] = []
+        faults = 0
+        for name, group in groups.items():
+            shard = self.shards[name]
+            if shard.down(now):
+                unknown += group
+                continue
+            try:
+                found.update(shard.client.get_many(group))
+            except Exception as exc:  # refused, timeout, protocol error: all degrade the same way
+                self._failed(shard, exc)
+                unknown += group
+                faults += 1
+        if len(unknown) == len(keys):  # nothing answered
+            metrics.child(metrics.FEATURE_STORE, "error" if faults else "skipped").inc()
             return DEFAULT_FEATURES, None
         self._answered()
-        counters = {k: found[k] for k in counter_keys if isinstance(found.get(k), int)}
+        counters: dict[str, int | None] = {k: found[k] for k in counter_keys
+                                           if isinstance(found.get(k), int)}
+        counters.update((k, None) for k in unknown if k in counter_keys)
         for key in user_keys:
             features = found.get(key)
             if isinstance(features, UserFeatures):
                 metrics.child(metrics.FEATURE_STORE, "hit").inc()
                 return features, counters
-        metrics.child(metrics.FEATURE_STORE, "miss").inc()
+        metrics.child(metrics.FEATURE_STORE, "error" if faults else "miss").inc()
         return DEFAULT_FEATURES, counters
 
     def count_impression(self, key: str, window_s: int) -> None:
         """Add one billed impression to a frequency counter that expires after ``window_s``.
 
-        While memcached is down the impression is kept (up to UNWRITTEN_MAX per worker) and
-        written once it answers again, so an outage does not reset caps; with one server, no
-        write is tried before its retry time (each would cost a timeout on this thread).
+        While its server is down the impression is kept (up to UNWRITTEN_MAX per process) and
+        written once memcached answers again, so an outage does not reset caps; no write is
+        tried before the server's retry time (each would cost a timeout on this thread).
         """
-        if self.client is None:
+        if not self.shards:
             return
-        if self._down_until and time.monotonic() < self._down_until:
+        shard = self.shard_of(key)
+        if shard.down(time.monotonic()):
             self._keep_unwritten(key, window_s)
             return
         try:
-            self._increment(key, window_s)
+            self._increment(shard, key, window_s)
         except Exception as exc:
             self._keep_unwritten(key, window_s)
-            self._failed(exc)
+            self._failed(shard, exc)
             return
         self._replay(REPLAY_PER_CALL)
 
-    def _increment(self, key: str, window_s: int) -> None:
-        self.client.add(key, 0, expire=window_s, noreply=False)
-        self.client.incr(key, 1, noreply=False)
+    @staticmethod
+    def _increment(shard: Shard, key: str, window_s: int) -> None:
+        shard.client.add(key, 0, expire=window_s, noreply=False)
+        shard.client.incr(key, 1, noreply=False)
 
     def _keep_unwritten(self, key: str, window_s: int) -> None:
         if len(self._unwritten) == UNWRITTEN_MAX:
@@ -211,47 +232,55 @@ class FeatureStore:
 
     def _replay(self, limit: int) -> None:
         """Write up to ``limit`` kept impressions (a few per call: the bid thread runs this)."""
+        now = time.monotonic()
         for _ in range(limit):
             try:
                 key, window_s = self._unwritten.popleft()  # atomic: no other thread writes it too
             except IndexError:
                 return
+            shard = self.shard_of(key)
+            if shard.down(now):
+                self._unwritten.appendleft((key, window_s))
+                return
             try:
-                self._increment(key, window_s)
+                self._increment(shard, key, window_s)
             except Exception as exc:
                 self._unwritten.appendleft((key, window_s))
-                self._failed(exc)
+                self._failed(shard, exc)
                 return
 
-    def _failed(self, exc: Exception) -> None:
-        if isinstance(self.client, Client):
-            self._down_until = time.monotonic() + self.retry_s
+    def _failed(self, shard: Shard, exc: Exception) -> None:
+        shard.down_until = time.monotonic() + self.retry_s
         if self.last_error is None:
-            log.warning("memcached %s failed (%s: %s): default features, and billed impressions "
-                        "kept for their frequency counters, until it answers (retried after "
-                        "%.0f ms)", self.servers, type(exc).__name__, exc, self.retry_s * 1000)
-        self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("memcached %s failed (%s: %s): its users get default features, its "
+                        "frequency counts are unknown and billed impressions are kept for them, "
+                        "until it answers (retried every %.0f ms)", shard.name,
+                        type(exc).__name__, exc, self.retry_s * 1000)
+        self.last_error = f"{shard.name}: {type(exc).__name__}: {exc}"
 
     def _answered(self) -> None:
         self._answered_at = time.monotonic()
         if self._unwritten:
             self._replay(REPLAY_PER_CALL)
-        if self.last_error is not None:
-            log.info("memcached %s answers again", self.servers)
+        if self.last_error is not None and not any(
+                s.down(self._answered_at) for s in self.shards.values()):
+            log.info("memcached %s answers again", [s.name for s in self.shards.values()])
             self.last_error = None
-            self._down_until = 0.0
 
     def status(self) -> dict:
         """For ``/readyz``: memcached as last seen, probed first when no look-up reached it
         lately (so a server that never answered is not reported ok)."""
-        if self.client is None:
+        if not self.shards:
             return {"ok": True, "servers": [], "note": "no feature store configured"}
-        if time.monotonic() - self._answered_at > STATUS_FRESH_S \
-                and not (self._down_until and time.monotonic() < self._down_until):
-            try:
-                self.client.get(PROBE_KEY)
+        now = time.monotonic()
+        if now - self._answered_at > STATUS_FRESH_S:
+            for shard in self.shards.values():
+                if not shard.down(now):
+                    try:
+                        shard.client.get(PROBE_KEY)
+                    except Exception as exc:
+                        self._failed(shard, exc)
+            if not any(s.down(now) for s in self.shards.values()):
                 self._answered()
-            except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-        return {"ok": self.last_error is None,
-                "servers": [f"{h}:{p}" for h, p in self.servers], "last_error": self.last_error}
+        return {"ok": self.last_error is None, "servers": list(self.shards),
+                "last_error": self.last_error}

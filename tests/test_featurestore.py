@@ -49,7 +49,7 @@ def test_unsafe_ids_are_hashed_into_valid_keys(memcached):
     for raw in ("with space", "ü-unicode", "x" * 400, "ctrl\x01char"):
         key = user_key(raw)
         assert len(key) < 250 and key.isascii() and " " not in key
-        store.client.set(key, UserFeatures([1, 2]))
+        store.shard_of(key).client.set(key, UserFeatures([1, 2]))
         assert store.lookup([key], [], 1.0)[0].segments == [1, 2]
 
 
@@ -82,14 +82,23 @@ def test_bad_server_addresses_are_refused_with_the_expected_form(spec):
 
 
 def test_a_shard_answering_garbage_costs_only_its_own_keys(memcached):
-    """Review 3 (R6): pymemcache drops a shard only on socket errors; one that answers garbage
-    used to fail every look-up, the healthy shard's keys with it."""
+    """Review 3 (R6): a shard answering garbage failed every look-up; review 4 (N8): a failed
+    shard's keys must be unknown, not re-homed to another shard, where a frequency counter
+    would read 0 and let a capped user through."""
     garbage = GarbageServer()
     try:
         store = store_for(f"{memcached.address},{garbage.address}")
-        answered = sum(store.lookup([user_key(world.user_id(n))], [], 1.0)[1] is not None
-                       for n in range(100))
-        assert answered >= 95  # the first look-ups that reach the bad shard fail, then it is out
+        on_healthy = {n for n in range(100)
+                      if store.shard_of(user_key(world.user_id(n))).name == memcached.address}
+        assert 20 < len(on_healthy) < 80
+        for n in range(100):
+            features, _ = store.lookup([user_key(world.user_id(n))], [], 1.0)
+            assert features.segments == (list(world.user_segments(n)) if n in on_healthy
+                                         else []), n
+        counter = next(k for k in (frequency_key("c", user_key(f"u{i}")) for i in range(100))
+                       if store.shard_of(k).name == garbage.address)
+        _, counters = store.lookup([user_key(world.user_id(min(on_healthy)))], [counter], 1.0)
+        assert counters == {counter: None}  # unknown: the capped campaign sits out
     finally:
         garbage.close()
 
