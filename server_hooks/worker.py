@@ -203,6 +203,8 @@ class BalancedThreadWorker(ThreadWorker):
     _gated = False  # requests wait in the poller until whole (--threads 1, see _gate_requests)
     _offload: tuple = ()  # path prefixes handled in the thread pool (see _dispatch)
     _keepalive_full = False  # the keep-alive limit was reached (logged once)
+    _refused = 0  # malformed requests refused since the last log line
+    _refusal_logged_at = float("-inf")
     _arriving: deque | tuple = ()  # empty unless gated
     _continued: set | frozenset = frozenset()  # idem
 
@@ -425,11 +427,21 @@ class BalancedThreadWorker(ThreadWorker):
             self._drop(conn)
 
     def _refuse(self, conn, state: int) -> None:
-        """Answer framing no bytes can fix, and close: the rest of the request is unknown."""
-        self.log.warning("refused a request from %s: %s", conn.client,
-                         REFUSALS[state].split(b"\r\n", 1)[0].decode())
+        """Answer framing no bytes can fix, and close: the rest of the request is unknown.
+        Logged at most once a second (a hostile peer must not flood the log)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._refusal_logged_at + 1.0:
+            self.log.warning("refused %d request(s) with malformed framing, the last from %s: %s",
+                             self._refused, conn.client,
+                             REFUSALS[state].split(b"\r\n", 1)[0].decode())
+            self._refused, self._refusal_logged_at = 0, now
         try:
             conn.sock.send(REFUSALS[state], socket.MSG_DONTWAIT)
+            conn.sock.shutdown(socket.SHUT_WR)
+            for _ in range(4):  # unread input would make close() a reset that can eat the answer
+                if not conn.sock.recv(PEEK_BYTES, socket.MSG_DONTWAIT):
+                    break
         except OSError:
             pass
         self._drop(conn)
