@@ -84,8 +84,9 @@ SETTINGS: tuple[Setting, ...] = (
             type=_bool, boolean=True),
     # --- data -----------------------------------------------------------------------------------
     Setting("memcached", "--memcached", "127.0.0.1:11211",
-            "Feature store servers, HOST:PORT[,HOST:PORT...]; several are sharded by consistent "
-            "hashing (pymemcache HashClient). 'none' runs without a feature store.",
+            "Feature store servers, HOST:PORT[,HOST:PORT...]; several are sharded by rendezvous "
+            "hashing (as `bidder seed` writes them); a failed one's keys are unknown until it "
+            "answers, never moved to another. 'none' runs without a feature store.",
             metavar="HOST:PORT[,...]"),
     Setting("memcached_connect_timeout_ms", "--memcached-connect-timeout-ms", 3.0,
             "Connect timeout to memcached, in ms.", type=float),
