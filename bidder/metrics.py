@@ -24,6 +24,9 @@ BAD_REQUESTS = Counter("bidder_bad_requests_total",
                        "by status.", ["status"])
 LATENCY = Histogram("bidder_bid_latency_seconds", "Time from arrival to answer on /openrtb2/bid.",
                     buckets=LATENCY_BUCKETS)
+REFUSED = Counter("bidder_refused_requests_total",
+                  "Requests the worker answered before the app: malformed framing (400), a body "
+                  "over the limit (413), not arrived whole within 3 s (408).", ["status"])
 FEATURE_STORE = Counter("bidder_feature_store_lookups_total",
                         "User feature look-ups, by outcome (hit, miss, error, skipped).",
                         ["outcome"])

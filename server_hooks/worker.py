@@ -60,6 +60,7 @@ from functools import partial
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from bidder import metrics
 from server_hooks.slots import ConnectionBoard
 
 READY_AT = "bidder.ready_at"  # WSGI environ key: when the request arrived (monotonic s)
@@ -102,6 +103,8 @@ def _refusal(status: bytes, message: bytes) -> bytes:
     return (b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Type: application/json"
             b"\r\nContent-Length: " + b"%d" % len(body) + b"\r\n\r\n" + body)
 
+
+REFUSED_STATUS = {MALFORMED: "400", TOO_LARGE: "413"}
 
 # Answered by the arrival check itself: handing such bytes to the parser would have it wait,
 # in the worker's only thread, for a body that cannot come right.
@@ -420,6 +423,7 @@ class BalancedThreadWorker(ThreadWorker):
         while self._arriving and self._arriving[0].timeout <= now:
             conn = self._arriving.popleft()
             self.poller.unregister(conn.sock)
+            metrics.child(metrics.REFUSED, "408").inc()
             try:
                 conn.sock.send(TIMEOUT_408, socket.MSG_DONTWAIT)
             except OSError:
@@ -430,6 +434,7 @@ class BalancedThreadWorker(ThreadWorker):
         """Answer framing no bytes can fix, and close: the rest of the request is unknown.
         Logged at most once a second (a hostile peer must not flood the log)."""
         self._refused += 1
+        metrics.child(metrics.REFUSED, REFUSED_STATUS[state]).inc()
         now = time.monotonic()
         if now >= self._refusal_logged_at + 1.0:
             self.log.warning("refused %d request(s) with malformed framing, the last from %s: %s",

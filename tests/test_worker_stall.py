@@ -232,6 +232,9 @@ def test_framing_that_cannot_come_right_is_refused_at_once(server, framing):
     assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413")), answer
     assert b"connection: close" in answer.lower() and b'{"error": ' in answer
     assert took < 0.2, f"{took:.2f} s"
+    status = answer[9:12].decode()
+    text = server.request("GET", "/metrics")[2].decode()
+    assert f'bidder_refused_requests_total{{status="{status}"}}' in text
 
 
 def test_a_stalled_client_per_worker_stops_nothing(tmp_path):
