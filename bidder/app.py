@@ -226,10 +226,9 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
 class NoticeResource:
     """``GET|POST /notice/{kind}``: win (nurl) and billing (burl) notices, each booked once."""
 
-    def __init__(self, signer: NoticeSigner, rates: Rates, state: ProcessState,
-                 auction: Auction) -> None:
-        self.signer = signer
-        self.rates = rates
+    def __init__(self, auction: Auction, state: ProcessState) -> None:
+        self.signer = auction.signer
+        self.rates = auction.rates
         self.state = state
         self.auction = auction
         self.capped = {c.id: c for c in auction.catalog.campaigns if c.frequency_cap}
@@ -375,7 +374,7 @@ def create_app(settings: Settings) -> BidderApp:
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.set_error_serializer(_error_serializer)
     app.add_route("/openrtb2/bid", BidResource(auction, models, state, settings))
-    app.add_route("/notice/{kind}", NoticeResource(signer, rates, state, auction))
+    app.add_route("/notice/{kind}", NoticeResource(auction, state))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(auction, models, state))
     app.add_route("/metrics", MetricsResource())
