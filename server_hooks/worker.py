@@ -25,18 +25,20 @@ it behaves exactly like gthread.
 With ``--threads 1`` (the default) a request is handled inline, in the poller's
 thread, and nothing else of the worker runs meanwhile: a parser waiting for a
 stalled client's bytes would hold every other connection's request past its
-``tmax``. So a connection is handed
-to the parser only once its next request is entirely in the kernel's socket
-buffer: one ``MSG_PEEK`` recv and a few ``bytes.find`` calls (:func:`arrival`)
-check for the end of the headers and of the body (``Content-Length``, or the
-last chunk of a chunked body), about 1.5 us per request. A partial request (a client stalled mid-headers
-or mid-body, a lossy link) is read into the parser's buffer as its bytes come
+``tmax``. So a connection is handed to the parser only once its next request
+is entirely in the kernel's socket buffer: one ``MSG_PEEK`` recv and a few
+``bytes.find`` calls (:func:`arrival`) check for the end of the headers and of
+the body (``Content-Length``, or the last chunk of a chunked body), about 1.5 us
+per request. A partial request (a client stalled mid-headers or mid-body, a
+lossy link) is read into the parser's buffer as its bytes come
 and waits in the poller, costing no other connection anything; one still
 incomplete :data:`ARRIVAL_S` after it was first seen is answered 408 and
 closed. ``Expect: 100-continue`` gets its ``100 Continue`` while waiting (the
-client sends the body only after it). Bytes that cannot become a valid request
-(more than the largest head and body allowed) go to the parser at once, which
-rejects them as before. Requests whose path starts with one of the app's
+client sends the body only after it). Framing no more bytes can fix (a bad
+length or chunk, a body announced over the limit, a Transfer-Encoding not ending
+in chunked) is answered 400 or 413 by this check and closed, since a parser
+would wait for it; a head over Gunicorn's limits goes to the parser, which
+rejects it from the bytes at hand. Requests whose path starts with one of the app's
 ``offload_paths`` (the bidder's win and billing notices, which write its
 SQLite ledger) go to gthread's pool thread instead, so their disk writes and
 lock waits never hold up the bids behind them.
