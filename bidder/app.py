@@ -148,6 +148,8 @@ class BidResource:
             self._check_content_type(content_type or "")
         length = req.content_length
         if length is not None and length > self.max_body:
+            if length <= 2 * self.max_body:  # read it off so the connection can carry the next
+                self._discard(req.bounded_stream)  # request (larger: the worker closes it)
             raise PayloadTooLarge(f"body of {length} bytes is over the {self.max_body}-byte limit")
         # no Content-Length: a chunked body (Gunicorn decodes it in wsgi.input), or none at all
         stream = req.bounded_stream if length is not None else req.stream
@@ -170,6 +172,14 @@ class BidResource:
         if not body:
             raise BadRequest("empty body: POST an OpenRTB 2.6 BidRequest as JSON")
         return body
+
+    @staticmethod
+    def _discard(stream) -> None:
+        try:
+            while stream.read(65536):
+                pass
+        except OSError:
+            pass
 
     @staticmethod
     def _check_content_type(content_type: str) -> None:

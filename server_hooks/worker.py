@@ -439,7 +439,8 @@ class BalancedThreadWorker(ThreadWorker):
         metrics.child(metrics.REFUSED, REFUSED_STATUS[state]).inc()
         now = time.monotonic()
         if now >= self._refusal_logged_at + 1.0:
-            self.log.warning("refused %d request(s) with malformed framing, the last from %s: %s",
+            self.log.warning("refused %d request(s) before the app (framing no bytes can fix, "
+                             "or a body over the limit), the last from %s: %s",
                              self._refused, conn.client,
                              REFUSALS[state].split(b"\r\n", 1)[0].decode())
             self._refused, self._refusal_logged_at = 0, now

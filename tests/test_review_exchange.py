@@ -5,6 +5,7 @@ what /metrics and /readyz report."""
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 
 from bidder.domains import host_of
@@ -175,3 +176,22 @@ def test_health_and_readiness_answer_head_probes(server):
     for path in ("/healthz", "/readyz"):
         status, _, body = server.request("HEAD", path)
         assert status == 200 and body == b""
+
+
+def test_a_slightly_oversized_body_leaves_its_connection_usable(server):
+    """Review 2 (D20): a 413 said keep-alive, then the connection was dropped because Gunicorn
+    drains at most 64 KiB of an unread body; the app now reads off such a body first."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("POST", "/openrtb2/bid", b"x" * (70 * 1024),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 413
+        conn.request("POST", "/openrtb2/bid", json.dumps(site_request()).encode(),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+    finally:
+        conn.close()
