@@ -215,7 +215,7 @@ class Auction:
             F.shared_indices(self.request_fields(r), user.segments, model.hash_bits))
         terms = self.scoring_terms(model)
         seats: dict[str, list[Bid]] = {}
-        outcomes: list[ImpPlan | NoBid] = []
+        outcomes: list[NoBid] = []
         for n, plan in enumerate(plans):
             if time.monotonic() >= deadline:
                 return NoBid("deadline")

@@ -144,6 +144,12 @@ def _validate(c: Campaign, rates: Rates) -> None:
 
 
 Bits = int  # a set of campaigns: bit i is campaign i
+
+
+def category_and_parent(category: str) -> tuple[str, str]:
+    """``iab18-1`` -> ``("IAB18-1", "IAB18")``: an IAB category and its tier-1 parent."""
+    category = category.upper()
+    return category, category.split("-")[0]
 ELIGIBLE_CACHE_SIZE = 4096
 
 
@@ -183,8 +189,7 @@ class Catalog:
         self._by_type = {t: np.array([cr.type == t for _, cr in self.candidates], dtype=bool)
                          for t in BANNER_TYPES}
         # a campaign's categories with their tier-1 parents ("IAB18-1" -> "IAB18"), for acat
-        self.categories = [{(k.upper(), k.upper().split("-")[0]) for k in c.cat}
-                           for c in self.campaigns]
+        self.categories = [{category_and_parent(k) for k in c.cat} for c in self.campaigns]
         self._by_size: dict[tuple[int, int], np.ndarray] = {}
         for k, (_, cr) in enumerate(self.candidates):
             self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
@@ -215,7 +220,7 @@ class Catalog:
             lambda c: [d.lower() for d in t(c).domains_allow])
         self.by_domain_block = member(lambda c: [d.lower() for d in t(c).domains_block])
         # a blocked IAB category also blocks its subcategories ("IAB18" blocks "IAB18-1")
-        self.by_cat = member(lambda c: {p for k in c.cat for p in (k.upper(), k.upper().split("-")[0])})
+        self.by_cat = member(lambda c: {p for k in c.cat for p in category_and_parent(k)})
         # an advertiser domain is also listed under its parents: blocking "ford.example"
         # (badv) blocks "shop.ford.example" too
         self.by_adomain = member(lambda c: {p for d in c.adomain for p in domain_and_parents(d)})
