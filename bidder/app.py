@@ -109,8 +109,8 @@ class BidResource:
             status = exc.status_code
             raise
         finally:
-            metrics.child(metrics.REQUESTS, str(status)).inc()
-            metrics.LATENCY.observe(time.monotonic() - arrived)
+            metrics.tally.inc(metrics.child(metrics.REQUESTS, str(status)))
+            metrics.tally.observe(time.monotonic() - arrived)
 
     def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
         body = self._read_body(req)
@@ -130,7 +130,7 @@ class BidResource:
         if isinstance(outcome, NoBid):
             resp.status = falcon.HTTP_204
             resp.set_header("X-Nobid-Reason", outcome.reason)
-            metrics.child(metrics.NOBIDS, outcome.reason).inc()
+            metrics.tally.inc(metrics.child(metrics.NOBIDS, outcome.reason))
             return
         payload = encode_response(outcome)
         resp.content_type = falcon.MEDIA_JSON
@@ -140,7 +140,7 @@ class BidResource:
             resp.set_header("Content-Encoding", "gzip")
             resp.set_header("Vary", "Accept-Encoding")
         resp.data = payload
-        metrics.BIDS.inc(sum(len(sb.bid) for sb in outcome.seatbid))
+        metrics.tally.inc(metrics.BIDS, sum(len(sb.bid) for sb in outcome.seatbid))
 
     def _read_body(self, req: falcon.Request) -> bytes:
         content_type = req.content_type

@@ -159,7 +159,7 @@ class FeatureStore:
         of every server asked, or when less than a timeout and ``AFTER_LOOKUP_S`` is left.
         """
         if not user_keys or not self.shards or time_left_s < self.timeout_s + AFTER_LOOKUP_S:
-            metrics.child(metrics.FEATURE_STORE, "skipped").inc()
+            metrics.tally.inc(metrics.child(metrics.FEATURE_STORE, "skipped"))
             return DEFAULT_FEATURES, None
         keys = user_keys + counter_keys
         if self._only is not None:
@@ -184,7 +184,8 @@ class FeatureStore:
                 unknown += group
                 faults += 1
         if len(unknown) == len(keys):  # nothing answered
-            metrics.child(metrics.FEATURE_STORE, "error" if faults else "skipped").inc()
+            outcome = "error" if faults else "skipped"
+            metrics.tally.inc(metrics.child(metrics.FEATURE_STORE, outcome))
             return DEFAULT_FEATURES, None
         self._answered()
         counters: dict[str, int | None] = {k: found[k] for k in counter_keys
@@ -193,9 +194,9 @@ class FeatureStore:
         for key in user_keys:
             features = found.get(key)
             if isinstance(features, UserFeatures):
-                metrics.child(metrics.FEATURE_STORE, "hit").inc()
+                metrics.tally.inc(metrics.child(metrics.FEATURE_STORE, "hit"))
                 return features, counters
-        metrics.child(metrics.FEATURE_STORE, "error" if faults else "miss").inc()
+        metrics.tally.inc(metrics.child(metrics.FEATURE_STORE, "error" if faults else "miss"))
         return DEFAULT_FEATURES, counters
 
     def count_impression(self, key: str, window_s: int) -> None:

@@ -3,10 +3,21 @@
 ``bidder serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory in the
 master before anything imports prometheus_client, so every worker's samples
 are summed (or listed per pid) when any worker answers ``GET /metrics``.
+
+The bid path does not write those files per request: ``tally`` adds its counts
+and latencies up in the process, and a daemon thread writes the sums every
+``FLUSH_S`` (so does ``render``, for the answering worker, and the exit of a
+process). A write into a multiprocess file costs a ``getpid`` syscall, a lock
+and an mmap store; the five a bid request made cost 26 us of a worker's CPU
+under load (``bidder bench``: 370 -> 344 us a request, 7 %).
 """
 from __future__ import annotations
 
+import atexit
+import bisect
 import os
+import threading
+import time
 from functools import lru_cache
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -41,6 +52,79 @@ WORKER_INFO = Gauge("bidder_worker_info",
                     ["slot", "pid", "cpus", "slice_ns"], multiprocess_mode="liveall")
 
 
+FLUSH_S = 0.1  # how late a bid request's counts may reach /metrics
+
+
+class Tally:
+    """Counter increments and ``histogram`` observations of this process, summed in memory and
+    written to the shared files by ``flush`` (every FLUSH_S from a daemon thread started on
+    first use in each process, and at exit)."""
+
+    def __init__(self, histogram: Histogram, bounds: tuple[float, ...]) -> None:
+        # the histogram's own bucket values: observe() has no batched form in prometheus_client
+        # (tests/test_metrics_tally.py checks the exposition is the one observe() gives)
+        self._sum, self._buckets = histogram._sum, histogram._buckets
+        self._bounds = bounds
+        self._lock = threading.Lock()
+        self._reset()
+        self._flusher: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _reset(self) -> None:
+        self._counts: dict = {}
+        self._observed = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._observed_sum = 0.0
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()  # the parent's pending counts are the parent's to write
+        self._flusher = None
+
+    def inc(self, counter, amount: float = 1) -> None:
+        """``counter.inc(amount)``, written with the next flush."""
+        with self._lock:
+            self._counts[counter] = self._counts.get(counter, 0) + amount
+        if self._flusher is None:
+            self._start()
+
+    def observe(self, seconds: float) -> None:
+        """``histogram.observe(seconds)``, written with the next flush."""
+        with self._lock:
+            self._observed[bisect.bisect_left(self._bounds, seconds)] += 1
+            self._observed_sum += seconds
+        if self._flusher is None:
+            self._start()
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, observed, observed_sum = self._counts, self._observed, self._observed_sum
+            self._reset()
+        for counter, amount in counts.items():
+            counter.inc(amount)
+        if any(observed):
+            self._sum.inc(observed_sum)
+            for bucket, n in zip(self._buckets, observed):
+                if n:
+                    bucket.inc(n)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._flusher is not None:
+                return
+            self._flusher = threading.Thread(target=self._flush_forever, name="metrics-flush",
+                                             daemon=True)
+        self._flusher.start()
+        atexit.register(self.flush)
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(FLUSH_S)
+            self.flush()
+
+
+tally = Tally(LATENCY, LATENCY_BUCKETS)
+
+
 @lru_cache(maxsize=1024)
 def child(metric, *labels: str):
     """``metric.labels(*labels)``, looked up once: label sets on the bid path are few and fixed
@@ -61,7 +145,9 @@ def mark_worker_dead(pid: int) -> None:
 
 
 def render() -> bytes:
-    """The text exposition of every worker's metrics, summed."""
+    """The text exposition of every worker's metrics, summed (this process's tally first;
+    another worker's may be up to FLUSH_S late)."""
+    tally.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

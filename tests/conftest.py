@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from bidder.memcached_proc import EmbeddedMemcached, free_port, stop_process
+from bidder.metrics import FLUSH_S
 from bidder.seed import seed_users
 
 SEEDED_USERS = 2000
@@ -62,6 +63,14 @@ class Server:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return self.request("POST", "/openrtb2/bid", body,
                             {"Content-Type": "application/json", **(headers or {})})
+
+    def metrics(self) -> str:
+        """``GET /metrics`` once every worker has written its bid-path counts: the worker that
+        answers writes its own at once, the others every ``FLUSH_S``."""
+        time.sleep(3 * FLUSH_S)
+        status, _, body = self.request("GET", "/metrics")
+        assert status == 200, body
+        return body.decode()
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as fh:

@@ -235,8 +235,7 @@ def test_unknown_and_seeded_users_both_bid(server):
     del no_user["user"]
     for req in (seen, unseen, no_user):
         assert server.bid(req)[0] == 200
-    _, _, metrics = server.request("GET", "/metrics")
-    text = metrics.decode()
+    text = server.metrics()
     assert 'bidder_feature_store_lookups_total{outcome="hit"}' in text
     assert 'bidder_feature_store_lookups_total{outcome="miss"}' in text
 

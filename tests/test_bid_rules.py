@@ -130,7 +130,7 @@ def test_open_auction_deal_campaign_below_its_deal_floor_bids_in_the_open_market
 
 
 def _feature_lookups(server) -> float:
-    text = server.request("GET", "/metrics")[2].decode()
+    text = server.metrics()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("bidder_feature_store_lookups_total{"))
 

@@ -127,8 +127,7 @@ def test_memcached_down_degrades_to_default_features(start_server, tmp_path):
         ready = json.loads(body)
         assert status == 200 and ready["ready"] is True  # memcached only degrades
         assert "Traceback" not in server.log()
-        _, _, metrics = server.request("GET", "/metrics")
-        assert b'bidder_feature_store_lookups_total{outcome="error"}' in metrics
+        assert 'bidder_feature_store_lookups_total{outcome="error"}' in server.metrics()
     finally:
         mc.stop()
 

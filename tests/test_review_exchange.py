@@ -16,7 +16,7 @@ from tests.test_money_and_faults import notice_path
 
 
 def _requests_by_status(server) -> dict[str, float]:
-    text = server.request("GET", "/metrics")[2].decode()
+    text = server.metrics()
     prefix = 'bidder_bid_requests_total{status="'
     return {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line.startswith(prefix)}
