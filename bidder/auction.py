@@ -61,6 +61,30 @@ def inventory_domains(r: BidRequest) -> tuple[list[str], list[str]]:
     return named, []
 
 
+def personal_data_allowed(r: BidRequest) -> bool:
+    """Whether the request lets this bidder use what it knows of the user (features, counts).
+
+    Not under COPPA (``regs.coppa=1``); not under the GDPR (``regs.gdpr=1``) without a TCF
+    consent string; not when the user opted out of sale (``regs.us_privacy`` with "Y" third).
+    2.5's places (``regs.ext.gdpr``, ``regs.ext.us_privacy``, ``user.ext.consent``) count too.
+    A consent string is not parsed: the exchange that sends one vouches for it.
+    """
+    regs = r.regs
+    if regs is None:
+        return True
+    if regs.coppa == 1:
+        return False
+    ext = regs.ext
+    gdpr = regs.gdpr if regs.gdpr is not None else ext.gdpr if ext is not None else None
+    if gdpr == 1:
+        user = r.user
+        consent = user and (user.consent or (user.ext.consent if user.ext else None))
+        if not consent:
+            return False
+    us_privacy = regs.us_privacy or (ext.us_privacy if ext is not None else None)
+    return not (us_privacy and us_privacy[2:3].upper() == "Y")
+
+
 @dataclass(frozen=True)
 class NoBid:
     reason: str
@@ -189,7 +213,7 @@ class Auction:
         ids = [i for i in ((r.user.buyeruid, r.user.id) if r.user else ()) if i]
         if r.device is not None and r.device.ifa:
             ids.append(r.device.ifa)
-        if r.regs is not None and r.regs.coppa == 1:  # COPPA: no user data, no profile, no caps
+        if not personal_data_allowed(r):  # no look-up, no profile, no frequency counts
             ids = []
         keys = [user_key(i) for i in ids]
         identity = keys[0] if keys else ""
@@ -306,7 +330,8 @@ class Auction:
                 if not campaigns:
                     return NoBid("no_deal_in_private_auction")
         eligible, present = cat.eligible_candidates(campaigns, sizes, imp.secure == 1,
-                                                    tuple(banner.btype) if banner.btype else ())
+                                                    tuple(banner.btype) if banner.btype else (),
+                                                    tuple(banner.battr) if banner.battr else ())
         if not present:
             return NoBid("no_creative_fits")
         return ImpPlan(imp, eligible, present, deal_of)
@@ -353,4 +378,4 @@ class Auction:
             id=bid_id, impid=imp.id, price=price, adm=creative.adm, nurl=nurl, burl=burl,
             adomain=campaign.adomain, crid=creative.id, cid=campaign.id, cat=campaign.cat,
             w=creative.w, h=creative.h, mtype=1, dealid=deal.id if deal is not None else None,
-            bundle=campaign.bundle)
+            bundle=campaign.bundle, attr=creative.attr or None)

@@ -19,6 +19,7 @@ from bidder.currency import Rates, to_micros
 from bidder.domains import domain_and_parents
 
 
+CREATIVE_ATTRIBUTES = range(1, 18)  # AdCOM 1.0 list "Creative Attributes"
 BANNER_TYPES = (1, 2, 3, 4)  # OpenRTB banner ad types: XHTML text, XHTML banner, JavaScript, iframe
 
 
@@ -28,6 +29,7 @@ class Creative(msgspec.Struct, forbid_unknown_fields=True):
     h: int
     adm: str
     type: int = 2  # banner ad type (BANNER_TYPES), what an imp's banner.btype may block
+    attr: list[int] = []  # AdCOM 1.0 Creative Attributes (1-17), what banner.battr may block
 
 
 class FrequencyCap(msgspec.Struct, forbid_unknown_fields=True):
@@ -136,6 +138,9 @@ def _validate(c: Campaign, rates: Rates) -> None:
         if cr.type not in BANNER_TYPES:
             fail("creatives", f"creative {cr.id!r}: type must be one of {BANNER_TYPES} (1 XHTML "
                               "text, 2 XHTML banner, 3 JavaScript, 4 iframe)")
+        if any(a not in CREATIVE_ATTRIBUTES for a in cr.attr):
+            fail("creatives", f"creative {cr.id!r}: attr must hold AdCOM 1.0 Creative Attributes "
+                              "codes, 1 to 17 (e.g. 1 audio auto-play, 6 in-banner video)")
     if c.budget is not None and not c.budget > 0:
         fail("budget", "must be a positive amount (or absent for no cap)")
     if c.frequency_cap is not None and (c.frequency_cap.impressions <= 0
@@ -188,6 +193,8 @@ class Catalog:
                                     dtype=bool)
         self._by_type = {t: np.array([cr.type == t for _, cr in self.candidates], dtype=bool)
                          for t in BANNER_TYPES}
+        self._by_attr = {a: np.array([a in cr.attr for _, cr in self.candidates], dtype=bool)
+                         for a in {a for _, cr in self.candidates for a in cr.attr}}
         # a campaign's categories with their tier-1 parents ("IAB18-1" -> "IAB18"), for acat
         self.categories = [{category_and_parent(k) for k in c.cat} for c in self.campaigns]
         self._by_size: dict[tuple[int, int], np.ndarray] = {}
@@ -255,11 +262,13 @@ class Catalog:
                    if cats and all(k in allowed or parent in allowed for k, parent in cats))
 
     def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...],
-                            secure: bool, blocked_types: tuple[int, ...]) -> tuple[np.ndarray, Bits]:
+                            secure: bool, blocked_types: tuple[int, ...],
+                            blocked_attrs: tuple[int, ...]) -> tuple[np.ndarray, Bits]:
         """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes``, only
-        HTTPS URLs when ``secure`` and a type not in ``blocked_types``, and the campaigns they
-        belong to; read-only, cached: requests fall into few campaign sets and sizes."""
-        key = (campaigns, sizes, secure, blocked_types)
+        HTTPS URLs when ``secure``, a type not in ``blocked_types`` and no attribute in
+        ``blocked_attrs``, and the campaigns they belong to; read-only, cached: requests fall
+        into few campaign sets and sizes."""
+        key = (campaigns, sizes, secure, blocked_types, blocked_attrs)
         found = self._eligible.get(key)
         if found is None:
             packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
@@ -271,7 +280,11 @@ class Catalog:
             if secure:
                 fits &= self.cand_secure
             for t in blocked_types:
-                fits &= ~self._by_type.get(t, False)
+                if t in self._by_type:  # a type this bidder does not know blocks nothing
+                    fits &= ~self._by_type[t]
+            for a in blocked_attrs:
+                if a in self._by_attr:  # an attribute no creative has blocks nothing
+                    fits &= ~self._by_attr[a]
             eligible = np.flatnonzero(mask & fits)
             eligible.flags.writeable = False
             found = eligible, sum(1 << i for i in set(self.cand_campaign[eligible].tolist()))

@@ -92,15 +92,29 @@ class Device(Struct, omit_defaults=True):
     language: str | None = None
 
 
+class UserExt(Struct, omit_defaults=True):
+    consent: str | None = None  # 2.5 and Prebid: the TCF consent string before 2.6 moved it
+
+
 class User(Struct, omit_defaults=True):
     id: str | None = None
     buyeruid: str | None = None
     yob: int | None = None
     geo: Geo | None = None
+    consent: str | None = None  # TCF consent string, when regs.gdpr = 1
+    ext: UserExt | None = None
+
+
+class RegsExt(Struct, omit_defaults=True):
+    gdpr: int | None = None  # 2.5 and Prebid: where regs.gdpr and us_privacy were before 2.6
+    us_privacy: str | None = None
 
 
 class Regs(Struct, omit_defaults=True):
     coppa: int | None = None  # 1: the request is subject to COPPA (directed to children)
+    gdpr: int | None = None  # 1: subject to the GDPR; 0: not; absent: unknown
+    us_privacy: str | None = None  # IAB CCPA string, e.g. "1YYN" (third letter: opted out of sale)
+    ext: RegsExt | None = None
 
 
 class BidRequest(Struct, omit_defaults=True):
@@ -140,6 +154,7 @@ class Bid(Struct, omit_defaults=True):
     mtype: int  # 2.6 markup type: 1 = banner
     dealid: str | None = None
     bundle: str | None = None
+    attr: list[int] | None = None  # the creative's attributes (AdCOM 1.0 Creative Attributes)
 
 
 class SeatBid(Struct, omit_defaults=True):

@@ -8,6 +8,7 @@ import gzip
 import http.client
 import json
 
+from bidder import world
 from bidder.domains import host_of
 from tests.conftest import launch_server
 from tests.test_bid_http import CATALOG, bids_of, site_request
@@ -104,6 +105,25 @@ def test_blocked_banner_types_exclude_the_creatives_of_that_type(server):
     assert status == 204 and headers["x-nobid-reason"] == "no_creative_fits"
     req["imp"][0]["banner"]["btype"] = [1, 3, 4]
     assert server.bid(req)[0] == 200
+    req["imp"][0]["banner"]["btype"] = [9]  # a type no list defines: nothing to block
+    assert server.bid(req)[0] == 200
+
+
+def test_blocked_creative_attributes_exclude_creatives_that_have_them(server):
+    """banner.battr (AdCOM Creative Attributes): the catalog's us-autos-728x90 declares 1,
+    audio auto-play; the bid names its attributes in Bid.attr."""
+    req = site_request(country="USA", w=728, h=90)
+    [bid] = bids_of(server.bid(req)[2])
+    assert bid["crid"] == "us-autos-728x90" and bid["attr"] == [1]
+    req["imp"][0]["banner"]["battr"] = [1, 6]
+    status, headers, _ = server.bid(req)
+    assert status == 204 and headers["x-nobid-reason"] == "no_creative_fits"
+    req["imp"][0]["banner"]["battr"] = [6]  # in-banner video: this creative has none
+    assert server.bid(req)[0] == 200
+    req = site_request(country="USA", w=320, h=50)  # a creative with no attributes
+    req["imp"][0]["banner"]["battr"] = [1]
+    [bid] = bids_of(server.bid(req)[2])
+    assert bid["crid"] == "us-autos-320x50" and "attr" not in bid
 
 
 def test_inventory_named_only_by_page_or_publisher_still_meets_domain_blocks(server):
@@ -170,6 +190,29 @@ def test_coppa_requests_use_no_user_data(server):
     assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown"
     [bid] = bids_of(server.bid(site_request(regs={"coppa": 1}))[2])
     assert "&u=&" in bid["burl"]  # the notice carries no user key
+
+
+def test_privacy_signals_without_leave_use_no_user_data(server):
+    """GDPR without a consent string, or a CCPA opt-out of sale, is treated as COPPA is: no
+    look-up and no frequency counts, so the capped campaign (FRA) sits out. 2.5's ext places
+    count as well."""
+    no_leave = [{"regs": {"gdpr": 1}},
+                {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": ""}},
+                {"regs": {"ext": {"gdpr": 1}}},
+                {"regs": {"us_privacy": "1YYN"}},
+                {"regs": {"ext": {"us_privacy": "1-y-"}}}]
+    for extra in no_leave:
+        status, headers, _ = server.bid(site_request(country="FRA", **extra))
+        assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown", extra
+        [bid] = bids_of(server.bid(site_request(**extra))[2])
+        assert "&u=&" in bid["burl"], extra  # the notice carries no user key
+    leave = [{"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": "CPXxRfAPXxRfA"}},
+             {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "ext": {"consent": "CO"}}},
+             {"regs": {"gdpr": 0, "us_privacy": "1YNN"}, "user": {"id": world.user_id(9)}},
+             {"regs": {"us_privacy": "1---"}, "user": {"id": world.user_id(9)}}]
+    for extra in leave:
+        [bid] = bids_of(server.bid(site_request(country="FRA", **extra))[2])
+        assert bid["cid"] == "capped" and "&u=&" not in bid["burl"], extra
 
 
 def test_health_and_readiness_answer_head_probes(server):
