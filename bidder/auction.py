@@ -74,15 +74,18 @@ def personal_data_allowed(r: BidRequest) -> bool:
         return True
     if regs.coppa == 1:
         return False
-    ext = regs.ext
-    gdpr = regs.gdpr if regs.gdpr is not None else ext.gdpr if ext is not None else None
-    if gdpr == 1:
+    gdpr = regs.gdpr if regs.gdpr is not None else _ext_field(regs.ext, "gdpr")
+    if gdpr in (1, "1", True):
         user = r.user
-        consent = user and (user.consent or (user.ext.consent if user.ext else None))
-        if not consent:
+        if user is None or not (user.consent or _ext_field(user.ext, "consent")):
             return False
-    us_privacy = regs.us_privacy or (ext.us_privacy if ext is not None else None)
-    return not (us_privacy and us_privacy[2:3].upper() == "Y")
+    us_privacy = regs.us_privacy or _ext_field(regs.ext, "us_privacy")
+    return not (isinstance(us_privacy, str) and us_privacy[2:3].upper() == "Y")
+
+
+def _ext_field(ext: object, name: str) -> object:
+    """``ext[name]`` of a free-form ext object, None when it is not an object."""
+    return ext.get(name) if isinstance(ext, dict) else None
 
 
 @dataclass(frozen=True)

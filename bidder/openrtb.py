@@ -10,6 +10,8 @@ versioning rules require, not refused.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from msgspec import Struct
 
@@ -92,29 +94,20 @@ class Device(Struct, omit_defaults=True):
     language: str | None = None
 
 
-class UserExt(Struct, omit_defaults=True):
-    consent: str | None = None  # 2.5 and Prebid: the TCF consent string before 2.6 moved it
-
-
 class User(Struct, omit_defaults=True):
     id: str | None = None
     buyeruid: str | None = None
     yob: int | None = None
     geo: Geo | None = None
     consent: str | None = None  # TCF consent string, when regs.gdpr = 1
-    ext: UserExt | None = None
-
-
-class RegsExt(Struct, omit_defaults=True):
-    gdpr: int | None = None  # 2.5 and Prebid: where regs.gdpr and us_privacy were before 2.6
-    us_privacy: str | None = None
+    ext: Any = None  # free-form; read leniently (2.5's consent lived here): never a 400
 
 
 class Regs(Struct, omit_defaults=True):
     coppa: int | None = None  # 1: the request is subject to COPPA (directed to children)
     gdpr: int | None = None  # 1: subject to the GDPR; 0: not; absent: unknown
     us_privacy: str | None = None  # IAB CCPA string, e.g. "1YYN" (third letter: opted out of sale)
-    ext: RegsExt | None = None
+    ext: Any = None  # free-form; read leniently (2.5's gdpr and us_privacy lived here)
 
 
 class BidRequest(Struct, omit_defaults=True):

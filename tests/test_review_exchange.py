@@ -200,7 +200,8 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
                 {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": ""}},
                 {"regs": {"ext": {"gdpr": 1}}},
                 {"regs": {"us_privacy": "1YYN"}},
-                {"regs": {"ext": {"us_privacy": "1-y-"}}}]
+                {"regs": {"ext": {"us_privacy": "1-y-"}}},
+                {"regs": {"ext": {"gdpr": "1"}}, "user": {"id": world.user_id(9), "ext": [1]}}]
     for extra in no_leave:
         status, headers, _ = server.bid(site_request(country="FRA", **extra))
         assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown", extra
@@ -209,7 +210,8 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
     leave = [{"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": "CPXxRfAPXxRfA"}},
              {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "ext": {"consent": "CO"}}},
              {"regs": {"gdpr": 0, "us_privacy": "1YNN"}, "user": {"id": world.user_id(9)}},
-             {"regs": {"us_privacy": "1---"}, "user": {"id": world.user_id(9)}}]
+             {"regs": {"us_privacy": "1---"}, "user": {"id": world.user_id(9)}},
+             {"regs": {"ext": "free-form"}, "user": {"id": world.user_id(9), "ext": None}}]
     for extra in leave:
         [bid] = bids_of(server.bid(site_request(country="FRA", **extra))[2])
         assert bid["cid"] == "capped" and "&u=&" not in bid["burl"], extra
