@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bidder.catalog import Bits, Catalog
+from bidder.catalog import Bits, Candidates, Catalog
 from bidder.currency import Rates
 from bidder.domains import domain_and_parents, host_of
 from bidder.featurestore import FeatureStore, frequency_key, user_key
@@ -98,9 +98,12 @@ class ImpPlan:
     """What an imp can be bid with, known before the user's features are fetched."""
 
     imp: Imp
-    eligible: np.ndarray  # candidate indices
-    campaigns: Bits  # the campaigns of those candidates
+    candidates: Candidates
     deal_of: dict[int, Deal]  # campaign index -> the deal it bids through
+
+    @property
+    def campaigns(self) -> Bits:
+        return self.candidates.campaigns
 
 
 def closest_reason(outcomes: list) -> NoBid:
@@ -332,22 +335,22 @@ class Auction:
                 campaigns &= in_deal
                 if not campaigns:
                     return NoBid("no_deal_in_private_auction")
-        eligible, present = cat.eligible_candidates(campaigns, sizes, imp.secure == 1,
-                                                    tuple(banner.btype) if banner.btype else (),
-                                                    tuple(banner.battr) if banner.battr else ())
-        if not present:
+        candidates = cat.eligible_candidates(campaigns, sizes, imp.secure == 1,
+                                             tuple(banner.btype) if banner.btype else (),
+                                             tuple(banner.battr) if banner.battr else ())
+        if not candidates.campaigns:
             return NoBid("no_creative_fits")
-        return ImpPlan(imp, eligible, present, deal_of)
+        return ImpPlan(imp, candidates, deal_of)
 
     def bid_imp(self, r: BidRequest, plan: ImpPlan, shared: tuple,
                 terms: tuple[np.ndarray, ...], model, currency: str,
                 identity: str) -> tuple[str, Bid] | NoBid:
         cat = self.catalog
-        imp, eligible, deal_of, pmp = plan.imp, plan.eligible, plan.deal_of, plan.imp.pmp
+        imp, candidates, deal_of, pmp = plan.imp, plan.candidates, plan.deal_of, plan.imp.pmp
         open_floor = self.rates.to_usd(imp.bidfloor, imp.bidfloorcur)
-        value = model.predict_proba_terms(shared, terms, eligible)
-        value *= cat.cand_value_per_mille[eligible]  # expected CPM, USD
-        camp = cat.cand_campaign[eligible]
+        value = model.predict_proba_terms(shared, terms, candidates.rows)
+        value *= candidates.value_per_mille  # expected CPM, USD
+        camp = candidates.campaign
         if deal_of:
             deal_floors = np.array([self.rates.to_usd(deal_of[c].bidfloor, deal_of[c].bidfloorcur)
                                     if c in deal_of else np.inf for c in camp.tolist()])
@@ -361,7 +364,7 @@ class Auction:
         if best_value <= 0.0 or best_value < floor_usd:
             return NoBid("below_floor")
 
-        campaign, creative = cat.candidates[int(eligible[best])]
+        campaign, creative = cat.candidates[int(candidates.rows[best])]
         deal = deal_of[int(camp[best])] if deal_of and via_deal[best] else None
         auction_type = deal.at if deal is not None and deal.at else r.at  # a deal's own at wins
         # at 3 (fixed price) exists for deals only; elsewhere an unknown at is bid as second price

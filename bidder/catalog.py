@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -151,10 +152,22 @@ def _validate(c: Campaign, rates: Rates) -> None:
 Bits = int  # a set of campaigns: bit i is campaign i
 
 
+class Candidates(NamedTuple):
+    """Eligible candidates of an imp: rows of ``Catalog.candidates`` and, row by row, their
+    campaign index and value per mille (USD), gathered once per cached set, not per bid."""
+
+    rows: np.ndarray
+    campaigns: Bits  # the campaigns of those rows
+    campaign: np.ndarray
+    value_per_mille: np.ndarray
+
+
 def category_and_parent(category: str) -> tuple[str, str]:
     """``iab18-1`` -> ``("IAB18-1", "IAB18")``: an IAB category and its tier-1 parent."""
     category = category.upper()
     return category, category.split("-")[0]
+
+
 ELIGIBLE_CACHE_SIZE = 4096
 
 
@@ -263,11 +276,10 @@ class Catalog:
 
     def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...],
                             secure: bool, blocked_types: tuple[int, ...],
-                            blocked_attrs: tuple[int, ...]) -> tuple[np.ndarray, Bits]:
-        """Indices of the candidates of ``campaigns`` whose creative has one of ``sizes``, only
-        HTTPS URLs when ``secure``, a type not in ``blocked_types`` and no attribute in
-        ``blocked_attrs``, and the campaigns they belong to; read-only, cached: requests fall
-        into few campaign sets and sizes."""
+                            blocked_attrs: tuple[int, ...]) -> Candidates:
+        """The candidates of ``campaigns`` whose creative has one of ``sizes``, only HTTPS URLs
+        when ``secure``, a type not in ``blocked_types`` and no attribute in ``blocked_attrs``;
+        read-only, cached: requests fall into few campaign sets and sizes."""
         key = (campaigns, sizes, secure, blocked_types, blocked_attrs)
         found = self._eligible.get(key)
         if found is None:
@@ -285,9 +297,13 @@ class Catalog:
             for a in blocked_attrs:
                 if a in self._by_attr:  # an attribute no creative has blocks nothing
                     fits &= ~self._by_attr[a]
-            eligible = np.flatnonzero(mask & fits)
-            eligible.flags.writeable = False
-            found = eligible, sum(1 << i for i in set(self.cand_campaign[eligible].tolist()))
+            rows = np.flatnonzero(mask & fits)
+            campaign = self.cand_campaign[rows]
+            value_per_mille = self.cand_value_per_mille[rows]
+            for array in (rows, campaign, value_per_mille):
+                array.flags.writeable = False
+            found = Candidates(rows, sum(1 << i for i in set(campaign.tolist())), campaign,
+                               value_per_mille)
             if len(self._eligible) >= ELIGIBLE_CACHE_SIZE:
                 self._eligible.clear()
             self._eligible[key] = found
