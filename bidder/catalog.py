@@ -139,9 +139,10 @@ def _validate(c: Campaign, rates: Rates) -> None:
         if cr.type not in BANNER_TYPES:
             fail("creatives", f"creative {cr.id!r}: type must be one of {BANNER_TYPES} (1 XHTML "
                               "text, 2 XHTML banner, 3 JavaScript, 4 iframe)")
-        if any(a not in CREATIVE_ATTRIBUTES for a in cr.attr):
-            fail("creatives", f"creative {cr.id!r}: attr must hold AdCOM 1.0 Creative Attributes "
-                              "codes, 1 to 17 (e.g. 1 audio auto-play, 6 in-banner video)")
+        if any(a not in CREATIVE_ATTRIBUTES for a in cr.attr) or len(set(cr.attr)) < len(cr.attr):
+            fail("creatives", f"creative {cr.id!r}: attr must hold distinct AdCOM 1.0 Creative "
+                              "Attributes codes, 1 to 17 (e.g. 1 audio auto-play, 6 in-banner "
+                              "video)")
     if c.budget is not None and not c.budget > 0:
         fail("budget", "must be a positive amount (or absent for no cap)")
     if c.frequency_cap is not None and (c.frequency_cap.impressions <= 0

@@ -17,7 +17,6 @@ import atexit
 import bisect
 import os
 import threading
-import time
 from functools import lru_cache
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -68,6 +67,7 @@ class Tally:
         self._lock = threading.Lock()
         self._reset()
         self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _reset(self) -> None:
@@ -79,6 +79,7 @@ class Tally:
         self._lock = threading.Lock()
         self._reset()  # the parent's pending counts are the parent's to write
         self._flusher = None
+        self._stop = threading.Event()
 
     def inc(self, counter, amount: float = 1) -> None:
         """``counter.inc(amount)``, written with the next flush."""
@@ -114,12 +115,18 @@ class Tally:
             self._flusher = threading.Thread(target=self._flush_forever, name="metrics-flush",
                                              daemon=True)
         self._flusher.start()
-        atexit.register(self.flush)
+        atexit.register(self._exit)
 
     def _flush_forever(self) -> None:
-        while True:
-            time.sleep(FLUSH_S)
+        while not self._stop.wait(FLUSH_S):
             self.flush()
+
+    def _exit(self) -> None:
+        """At exit: let a flush under way finish (its counts are off the tally), then the rest."""
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=1.0)
+        self.flush()
 
 
 tally = Tally(LATENCY, LATENCY_BUCKETS)

@@ -102,15 +102,18 @@ class User(Struct, omit_defaults=True, gc=False):
     buyeruid: str | None = None
     yob: int | None = None
     geo: Geo | None = None
-    consent: str | None = None  # TCF consent string, when regs.gdpr = 1
+    consent: Any = None  # TCF consent string, when regs.gdpr = 1 (read leniently: never a 400)
     ext: Any = None  # free-form; read leniently (2.5's consent lived here): never a 400
 
 
 class Regs(Struct, omit_defaults=True, gc=False):
-    coppa: int | None = None  # 1: the request is subject to COPPA (directed to children)
-    gdpr: int | None = None  # 1: subject to the GDPR; 0: not; absent: unknown
-    us_privacy: str | None = None  # IAB CCPA string, e.g. "1YYN" (third letter: opted out of sale)
-    ext: Any = None  # free-form; read leniently (2.5's gdpr and us_privacy lived here)
+    """Privacy signals, read leniently (a flag sent as "1" or true is still honoured, never a
+    400) and conservatively (see ``auction.personal_data_allowed``)."""
+
+    coppa: Any = None  # 1: the request is subject to COPPA (directed to children)
+    gdpr: Any = None  # 1: subject to the GDPR; 0: not; absent: unknown
+    us_privacy: Any = None  # IAB CCPA string, e.g. "1YYN" (third letter: opted out of sale)
+    ext: Any = None  # free-form; 2.5's gdpr and us_privacy lived here
 
 
 class BidRequest(Struct, omit_defaults=True, gc=False):

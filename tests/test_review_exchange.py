@@ -8,7 +8,11 @@ import gzip
 import http.client
 import json
 
+import pytest
+
 from bidder import world
+from bidder.catalog import CatalogError, load
+from bidder.currency import Rates
 from bidder.domains import host_of
 from tests.conftest import launch_server
 from tests.test_bid_http import CATALOG, bids_of, site_request
@@ -126,6 +130,16 @@ def test_blocked_creative_attributes_exclude_creatives_that_have_them(server):
     assert bid["crid"] == "us-autos-320x50" and "attr" not in bid
 
 
+@pytest.mark.parametrize("attr", [[0], [18], [1, 1]])
+def test_catalog_refuses_creative_attributes_that_are_not_distinct_adcom_codes(tmp_path, attr):
+    catalog = json.load(open(CATALOG))
+    catalog["campaigns"][1]["creatives"][0]["attr"] = attr
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps(catalog))
+    with pytest.raises(CatalogError, match=r"us-autos.*attr must hold distinct AdCOM"):
+        load(str(path), Rates({}))
+
+
 def test_inventory_named_only_by_page_or_publisher_still_meets_domain_blocks(server):
     for site in ({"page": "https://www.bad.example/article?x=1"},
                  {"domain": " https://BAD.example/ "},
@@ -201,7 +215,13 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
                 {"regs": {"ext": {"gdpr": 1}}},
                 {"regs": {"us_privacy": "1YYN"}},
                 {"regs": {"ext": {"us_privacy": "1-y-"}}},
-                {"regs": {"ext": {"gdpr": "1"}}, "user": {"id": world.user_id(9), "ext": [1]}}]
+                {"regs": {"ext": {"gdpr": "1"}}, "user": {"id": world.user_id(9), "ext": [1]}},
+                # odd shapes are honoured, not refused, and read on the safe side
+                {"regs": {"gdpr": "1"}}, {"regs": {"coppa": True}}, {"regs": {"gdpr": "yes"}},
+                {"regs": {"ext": {"gdpr": 2}}},
+                {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": True}},
+                {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": " "}},
+                {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "ext": {"consent": 1}}}]
     for extra in no_leave:
         status, headers, _ = server.bid(site_request(country="FRA", **extra))
         assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown", extra
@@ -211,7 +231,8 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
              {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "ext": {"consent": "CO"}}},
              {"regs": {"gdpr": 0, "us_privacy": "1YNN"}, "user": {"id": world.user_id(9)}},
              {"regs": {"us_privacy": "1---"}, "user": {"id": world.user_id(9)}},
-             {"regs": {"ext": "free-form"}, "user": {"id": world.user_id(9), "ext": None}}]
+             {"regs": {"ext": "free-form"}, "user": {"id": world.user_id(9), "ext": None}},
+             {"regs": {"gdpr": "0", "coppa": False}, "user": {"id": world.user_id(9)}}]
     for extra in leave:
         [bid] = bids_of(server.bid(site_request(country="FRA", **extra))[2])
         assert bid["cid"] == "capped" and "&u=&" not in bid["burl"], extra
