@@ -221,7 +221,11 @@ class Auction:
             return campaigns
 
         plans = self.plan_imps(r, campaigns)  # imp checks first: they need no round trip
-        if not any(isinstance(p, ImpPlan) for p in plans):
+        bidding: Bits = 0  # the campaigns some imp could be bid with: only their counts matter
+        for p in plans:
+            if isinstance(p, ImpPlan):
+                bidding |= p.campaigns
+        if not bidding:
             return closest_reason(plans)
 
         ids = [i for i in ((r.user.buyeruid, r.user.id) if r.user else ()) if i]
@@ -232,7 +236,7 @@ class Auction:
         keys = [user_key(i) for i in ids]
         identity = keys[0] if keys else ""
         capped = [(i, c, frequency_key(c.id, identity)) for i, c in self._capped
-                  if campaigns >> i & 1]
+                  if bidding >> i & 1]
         user, counters = store.lookup(keys, [k for _, _, k in capped] if identity else [],
                                       deadline - now)
         uncapped = campaigns
@@ -244,7 +248,7 @@ class Auction:
                 allowance[i] = left
             else:
                 uncapped &= ~(1 << i)
-        if not uncapped:
+        if not uncapped & bidding:  # every campaign that could bid is capped
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
         if uncapped != campaigns:  # plan again the imps a capped campaign could have taken
             plans = self.replan(plans, uncapped, r.at)
