@@ -22,6 +22,7 @@ from bidder.featurestore import FeatureStore, frequency_key, user_key
 from bidder.ledger import Ledger
 from bidder.notices import NoticeSigner
 from bidder.openrtb import Bid, BidRequest, BidResponse, Deal, Imp, SeatBid
+from bidder.privacy import personal_data_allowed
 from bidder.world import inventory_key
 from models import features as F
 
@@ -59,41 +60,6 @@ def inventory_domains(r: BidRequest) -> tuple[list[str], list[str]]:
     if publisher is not None and publisher.domain:
         return named, domain_and_parents(host_of(publisher.domain))
     return named, []
-
-
-def personal_data_allowed(r: BidRequest) -> bool:
-    """Whether the request lets this bidder use what it knows of the user (features, counts).
-
-    Not under COPPA (``regs.coppa``); not under the GDPR (``regs.gdpr``) without a TCF
-    consent string; not when the user opted out of sale (``regs.us_privacy`` with "Y" third).
-    2.5's places (``regs.ext.gdpr``, ``regs.ext.us_privacy``, ``user.ext.consent``) count too.
-    A flag counts as set unless it is absent, null, 0 or "0" (so "1", true or an unknown value
-    keeps the data out); a consent is a non-blank string, not parsed: the exchange that sends
-    one vouches for it.
-    """
-    regs = r.regs
-    if regs is None:
-        return True
-    if _flag_set(regs.coppa):
-        return False
-    gdpr = regs.gdpr if regs.gdpr is not None else _ext_field(regs.ext, "gdpr")
-    if _flag_set(gdpr):
-        user = r.user
-        consent = user and (user.consent if user.consent is not None
-                            else _ext_field(user.ext, "consent"))
-        if not (isinstance(consent, str) and consent.strip()):
-            return False
-    us_privacy = regs.us_privacy or _ext_field(regs.ext, "us_privacy")
-    return not (isinstance(us_privacy, str) and us_privacy[2:3].upper() == "Y")
-
-
-def _flag_set(value: object) -> bool:
-    return value not in (None, 0, "0")  # 0 == False == 0.0
-
-
-def _ext_field(ext: object, name: str) -> object:
-    """``ext[name]`` of a free-form ext object, None when it is not an object."""
-    return ext.get(name) if isinstance(ext, dict) else None
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,13 @@ class User(Struct, omit_defaults=True, gc=False):
 
 class Regs(Struct, omit_defaults=True, gc=False):
     """Privacy signals, read leniently (a flag sent as "1" or true is still honoured, never a
-    400) and conservatively (see ``auction.personal_data_allowed``)."""
+    400) and conservatively (see ``bidder.privacy``)."""
 
     coppa: Any = None  # 1: the request is subject to COPPA (directed to children)
     gdpr: Any = None  # 1: subject to the GDPR; 0: not; absent: unknown
     us_privacy: Any = None  # IAB CCPA string, e.g. "1YYN" (third letter: opted out of sale)
+    gpp: Any = None  # IAB Global Privacy Platform string
+    gpp_sid: Any = None  # the GPP sections that apply to this request
     ext: Any = None  # free-form; 2.5's gdpr and us_privacy lived here
 
 

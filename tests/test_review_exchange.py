@@ -207,7 +207,7 @@ def test_coppa_requests_use_no_user_data(server):
 
 
 def test_privacy_signals_without_leave_use_no_user_data(server):
-    """GDPR without a consent string, or a CCPA opt-out of sale, is treated as COPPA is: no
+    """GDPR without a consent string, a CCPA or GPP opt-out, is treated as COPPA is: no
     look-up and no frequency counts, so the capped campaign (FRA) sits out. 2.5's ext places
     count as well."""
     no_leave = [{"regs": {"gdpr": 1}},
@@ -221,7 +221,8 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
                 {"regs": {"ext": {"gdpr": 2}}},
                 {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": True}},
                 {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "consent": " "}},
-                {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "ext": {"consent": 1}}}]
+                {"regs": {"gdpr": 1}, "user": {"id": world.user_id(9), "ext": {"consent": 1}}},
+                {"regs": {"gpp": "DBABLA~BVVVVVVVVWA", "gpp_sid": [7]}}]  # US: opted out
     for extra in no_leave:
         status, headers, _ = server.bid(site_request(country="FRA", **extra))
         assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown", extra
@@ -232,7 +233,9 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
              {"regs": {"gdpr": 0, "us_privacy": "1YNN"}, "user": {"id": world.user_id(9)}},
              {"regs": {"us_privacy": "1---"}, "user": {"id": world.user_id(9)}},
              {"regs": {"ext": "free-form"}, "user": {"id": world.user_id(9), "ext": None}},
-             {"regs": {"gdpr": "0", "coppa": False}, "user": {"id": world.user_id(9)}}]
+             {"regs": {"gdpr": "0", "coppa": False}, "user": {"id": world.user_id(9)}},
+             {"regs": {"gpp": "DBABLA~BAAAAAAAAQA", "gpp_sid": [7]},
+              "user": {"id": world.user_id(9)}}]
     for extra in leave:
         [bid] = bids_of(server.bid(site_request(country="FRA", **extra))[2])
         assert bid["cid"] == "capped" and "&u=&" not in bid["burl"], extra
