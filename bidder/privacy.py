@@ -27,6 +27,7 @@ OPTED_OUT = 1
 GPC_SEGMENT = 1  # optional segment type: Global Privacy Control, one bit
 BASE64_URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 SEXTETS = {c: i for i, c in enumerate(BASE64_URL)}
+GPP_CACHED_CHARS = 2048  # longer strings are decoded each time (4096 cached: at most ~8 MB)
 
 
 def personal_data_allowed(r: BidRequest) -> bool:
@@ -55,11 +56,14 @@ def personal_data_allowed(r: BidRequest) -> bool:
     sids = regs.gpp_sid
     if sids is not None and not (isinstance(sids, list) and all(type(s) is int for s in sids)):
         return False  # which sections apply cannot be read
-    return gpp_allows(regs.gpp if isinstance(regs.gpp, str) else "",
-                      None if sids is None else tuple(sorted({s for s in sids if s > 0})))
+    gpp = regs.gpp if isinstance(regs.gpp, str) else ""
+    applicable = None if sids is None else tuple(sorted({s for s in sids if s > 0}))
+    if len(gpp) > GPP_CACHED_CHARS:  # not kept: a cache of long strings costs memory
+        return gpp_allows.__wrapped__(gpp, applicable)
+    return gpp_allows(gpp, applicable)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=4096)  # GPP strings repeat: an exchange's few consent states
 def gpp_allows(gpp: str, applicable: tuple[int, ...] | None) -> bool:
     """Whether the GPP string ``gpp`` lets user data be used under its ``applicable`` sections
     (``regs.gpp_sid``; None: every section the string holds).

@@ -74,5 +74,8 @@ def test_request_rule_reads_gpp_beside_the_older_signals():
     assert not _allowed({"gpp": f"DBABLA~{US_NAT_NOT_APPLICABLE}", "gpp_sid": "7"})
     assert not _allowed({"gpp": 7, "gpp_sid": [7]})
     assert not _allowed({"coppa": 1, "gpp": f"DBABLA~{US_NAT_NOT_APPLICABLE}", "gpp_sid": [7]})
+    long_opt_out = f"DBACNYA~{TCF_EU * 60}~1YYN"  # decoded each time, not cached
+    assert not _allowed({"gpp": long_opt_out, "gpp_sid": [2, 6]})
+    assert _allowed({"gpp": long_opt_out, "gpp_sid": [2]})
     assert not _allowed({"gdpr": 1}, {"consent": ""})
     assert _allowed({"gdpr": 1}, {"consent": TCF_EU})
