@@ -27,6 +27,8 @@ OPTED_OUT = 1
 GPC_SEGMENT = 1  # optional segment type: Global Privacy Control, one bit
 BASE64_URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 SEXTETS = {c: i for i, c in enumerate(BASE64_URL)}
+HEADER_CHARS = 64  # a header lists a few section ids in a few characters; decode no more
+CORE_CHARS = 8  # 48 bits: the US sections' opt-outs are within the first 24
 GPP_CACHED_CHARS = 2048  # longer strings are decoded each time (4096 cached: at most ~8 MB)
 
 
@@ -101,7 +103,7 @@ def gpp_sections(gpp: str) -> dict[int, str]:
     """``{section id: encoded section}`` of a GPP string ``HEADER~SECTION~...``; ValueError
     when the header is not a GPP v1 header or lists a different number of sections."""
     header, *sections = gpp.strip().split("~")
-    bits = _bits(header)
+    bits = _bits(header[:HEADER_CHARS])
     if len(bits) < 24 or int(bits[0:6], 2) != 3:
         raise ValueError("not a GPP header (type 3)")
     ids = _fibonacci_range(bits, 12)
@@ -115,13 +117,13 @@ def _us_section_opted_out(section: str, offsets: tuple[int, ...]) -> bool:
     Global Privacy Control bit of an optional GPC segment; True when it does not decode."""
     core, *optional = section.split(".")
     try:
-        bits = _bits(core)
+        bits = _bits(core[:CORE_CHARS])
         if len(bits) < max(offsets) + 2:
             return True
         if any(int(bits[o:o + 2], 2) == OPTED_OUT for o in offsets):
             return True
         for segment in optional:
-            seg = _bits(segment)
+            seg = _bits(segment[:1])
             if int(seg[0:2], 2) == GPC_SEGMENT and seg[2:3] == "1":
                 return True
     except ValueError:
