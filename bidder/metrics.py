@@ -59,11 +59,11 @@ class Tally:
     written to the shared files by ``flush`` (every FLUSH_S from a daemon thread started on
     first use in each process, and at exit)."""
 
-    def __init__(self, histogram: Histogram, bounds: tuple[float, ...]) -> None:
-        # the histogram's own bucket values: observe() has no batched form in prometheus_client
-        # (tests/test_metrics_tally.py checks the exposition is the one observe() gives)
+    def __init__(self, histogram: Histogram) -> None:
+        # the histogram's own bounds and values: observe() has no batched form in
+        # prometheus_client (tests/test_metrics_tally.py checks the exposition is observe()'s)
         self._sum, self._buckets = histogram._sum, histogram._buckets
-        self._bounds = bounds
+        self._bounds = tuple(histogram._upper_bounds[:-1])  # the last one is +Inf
         self._lock = threading.Lock()
         self._reset()
         self._flusher: threading.Thread | None = None
@@ -129,7 +129,7 @@ class Tally:
         self.flush()
 
 
-tally = Tally(LATENCY, LATENCY_BUCKETS)
+tally = Tally(LATENCY)
 
 
 @lru_cache(maxsize=1024)

@@ -23,7 +23,7 @@ def test_flushed_tally_exposes_what_direct_writes_would():
     for name, registry in (("direct", direct), ("batched", batched)):
         made[name] = (Counter(f"{name}_requests", "r", ["status"], registry=registry),
                       Histogram(f"{name}_latency", "l", buckets=BUCKETS, registry=registry))
-    tally = metrics.Tally(made["batched"][1], BUCKETS)
+    tally = metrics.Tally(made["batched"][1])
     latencies = [0.0, 0.0005, 0.001, 0.0011, 0.05, 0.1, 0.5, 7.0]  # edges, inside, past the last
     for i, seconds in enumerate(latencies):
         status = "200" if i % 3 else "204"
@@ -43,7 +43,7 @@ def test_flushed_tally_exposes_what_direct_writes_would():
 def test_pending_counts_are_written_without_a_flush_call():
     registry = CollectorRegistry()
     counter = Counter("c", "c", registry=registry)
-    tally = metrics.Tally(Histogram("h", "h", buckets=BUCKETS, registry=registry), BUCKETS)
+    tally = metrics.Tally(Histogram("h", "h", buckets=BUCKETS, registry=registry))
     tally.inc(counter, 3)
     assert registry.get_sample_value("c_total") == 0  # not yet: no write per increment
     deadline = time.monotonic() + 20 * metrics.FLUSH_S
