@@ -78,7 +78,8 @@ class NoticeSigner:
             raise NoticeError(f"notice is missing parameter(s) {missing}: use the nurl/burl "
                               "exactly as the bid returned it")
         values = tuple(params[k] for k in SIGNED_FIELDS)
-        if not hmac.compare_digest(self._sign(kind, values), params["s"]):
+        signature = params["s"]  # ours is hex; compare_digest raises on a non-ASCII str
+        if not (signature.isascii() and hmac.compare_digest(self._sign(kind, values), signature)):
             raise NoticeError("notice signature does not match: the URL was altered or is not ours")
         raw_price = params["p"]
         if raw_price == PRICE_MACRO:

@@ -60,6 +60,9 @@ def test_notices_are_booked_once_and_forgeries_refused(start_server, memcached):
     tampered = billing.replace("c=jp-shoes", "c=us-autos")
     status, _, body = server.request("GET", tampered)
     assert status == 400 and "signature" in json.loads(body)["error"]
+    not_ours = re.sub(r"([?&]s=)[^&]*", r"\1%C3%A9", billing)  # a signature that is not hex
+    status, _, body = server.request("GET", not_ours)
+    assert status == 400 and "signature" in json.loads(body)["error"]  # was a 500
     status, _, body = server.request("GET", notice_path(bid["burl"], "${AUCTION_PRICE}"))
     assert status == 400 and "macro" in json.loads(body)["error"]
     status, _, body = server.request("GET", notice_path(bid["burl"], f"{bid['price'] * 2}"))
