@@ -1,10 +1,12 @@
-"""Mutated realistic requests against a real server: whatever an exchange sends, the answer is
-a bid, a no-bid with a reason or a 400 that names the field, never a 5xx or an internal error.
+"""Mutated requests and notices against a real server: whatever an exchange sends, the answer
+is a bid, a no-bid with a reason or a 400 that says what is wrong, never a 5xx or an internal
+error.
 
 Each request is one of ``loadtests.traffic``'s (the bundled catalog, so the mutations reach
 scoring, pricing and notices) with one to three values replaced, anywhere in the document or at
 places the bid rules read, by values of every JSON type and odd edges. A rule that trips over a
 shape it did not expect answers ``internal_error`` (a caught exception): that is a failure here.
+Notices are the nurl/burl of real bids with parameters dropped, replaced, added or repeated.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import gzip
 import http.client
 import json
 import random
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 
@@ -20,6 +23,9 @@ from loadtests import traffic
 from tests.conftest import launch_server
 
 REQUESTS = 1500
+NOTICES = 1500
+NOTICE_VALUES = ["", "x", "-1", "1e308", "nan", "inf", "0", "${AUCTION_PRICE}", "1.5", "%ZZ", "é",
+                 "9" * 400]
 VALUES = [None, 0, 1, -1, 2, 3, 9, 2**31, 2**63, -2**63, 1e308, 0.5, "", "x", "1", "USD", "jpy",
           "ÄÖ", "1YYN", "DBABLA~BVVVVVVVVWA", [], [1], [0, 99], ["a"], [None], {}, {"a": 1},
           True, False]
@@ -89,4 +95,57 @@ def test_mutated_requests_get_a_bid_a_reasoned_no_bid_or_a_clear_400(server):
     finally:
         conn.close()
     assert seen.get(200, 0) > 100 and seen.get(400, 0) > 100  # the fuzz reached both sides
+    assert "Traceback" not in server.log()
+
+
+def _notice_urls(server, n: int) -> list[str]:
+    """The nurl and burl of the bids ``n`` realistic requests get."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    urls = []
+    try:
+        for r in traffic.generate(n, traffic.Mix(users=1000, accept_gzip=0.0), 5):
+            conn.request("POST", "/openrtb2/bid", r.body, r.headers)
+            response = conn.getresponse()
+            answer = response.read()
+            if response.status == 200:
+                urls += [u for sb in json.loads(answer)["seatbid"] for b in sb["bid"]
+                         for u in (b["nurl"], b["burl"])]
+    finally:
+        conn.close()
+    return urls
+
+
+def test_mutated_notices_are_booked_or_refused_with_a_400(server):
+    urls = _notice_urls(server, 100)
+    assert len(urls) > 50
+    rng = random.Random(4)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    seen: dict[int, int] = {}
+    try:
+        for _ in range(NOTICES):
+            url = urlsplit(rng.choice(urls))
+            params = [(k, v.replace("${AUCTION_PRICE}", "0.5"))
+                      for k, v in parse_qsl(url.query, keep_blank_values=True)]
+            for _ in range(rng.randint(0, 3)):
+                op = rng.random()
+                if op < 0.3 and params:
+                    params.pop(rng.randrange(len(params)))
+                elif op < 0.7 and params:
+                    i = rng.randrange(len(params))
+                    params[i] = (params[i][0], rng.choice(NOTICE_VALUES))
+                elif op < 0.85:
+                    params.append((rng.choice("psbz"), rng.choice(NOTICE_VALUES)))
+                else:
+                    params = params + params
+            path = f"{url.path}?{urlencode(params, safe='$')}"
+            conn.request(rng.choice(("GET", "GET", "POST")), path)
+            response = conn.getresponse()
+            answer = response.read()
+            seen[response.status] = seen.get(response.status, 0) + 1
+            assert response.status in (200, 400), (response.status, path[:300], answer[:200])
+            if response.status == 400:
+                assert json.loads(answer)["error"], path[:300]
+    finally:
+        conn.close()
+    assert seen.get(200, 0) > 100 and seen.get(400, 0) > 100
     assert "Traceback" not in server.log()
