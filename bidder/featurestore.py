@@ -32,6 +32,7 @@ REPLAY_PER_CALL = 2  # kept impressions written per look-up or notice once it an
 AFTER_LOOKUP_S = 0.005  # what scoring and answering need after a look-up, kept free of it
 PROBE_KEY = "readyz-probe"  # read by /readyz when no look-up reached memcached lately
 STATUS_FRESH_S = 5.0
+MEMCACHED_RELATIVE_MAX_S = 30 * 86400  # a longer exptime is an absolute Unix time to memcached
 MAX_PLAIN_ID = 200  # memcached keys are at most 250 bytes of printable ASCII without spaces
 
 
@@ -92,6 +93,14 @@ def frequency_key(campaign_id: str, user_key_: str) -> str:
 def _user_digest(user_key_: str) -> str:
     """One hash per user, however many capped campaigns a request asks about."""
     return hashlib.blake2b(user_key_.encode(), digest_size=12).hexdigest()
+
+
+def memcached_expiry(window_s: int) -> int:
+    """memcached's exptime for an item that lives ``window_s`` from now: memcached reads a
+    value over 30 days as a Unix time, so a 31-day window given as is expired at once."""
+    if window_s <= MEMCACHED_RELATIVE_MAX_S:
+        return window_s
+    return int(time.time()) + window_s
 
 
 def parse_servers(spec: str) -> list[tuple[str, int]]:
@@ -222,7 +231,7 @@ class FeatureStore:
 
     @staticmethod
     def _increment(shard: Shard, key: str, window_s: int) -> None:
-        shard.client.add(key, 0, expire=window_s, noreply=False)
+        shard.client.add(key, 0, expire=memcached_expiry(window_s), noreply=False)
         shard.client.incr(key, 1, noreply=False)
 
     def _keep_unwritten(self, key: str, window_s: int) -> None:

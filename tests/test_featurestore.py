@@ -64,6 +64,17 @@ def test_frequency_counters_count_and_read_back(memcached):
     assert counters == {key: 3}
 
 
+def test_counters_with_windows_over_30_days_are_kept(memcached):
+    """memcached reads an exptime over 30 days as a Unix time: a 40-day window passed as is
+    was a date in 1970, so the counter expired at once and the cap never held."""
+    store = store_for(memcached.address)
+    key = frequency_key("c1", user_key("long-window-user"))
+    for _ in range(2):
+        store.count_impression(key, window_s=40 * 86400)
+    _, counters = store.lookup([user_key("long-window-user")], [key], 1.0)
+    assert counters == {key: 2}
+
+
 def test_down_server_and_too_little_time_give_unknown_counters():
     mc = EmbeddedMemcached(memory_mb=16).start()
     store = store_for(mc.address)
