@@ -21,6 +21,11 @@ from bidder.domains import domain_and_parents
 
 
 CREATIVE_ATTRIBUTES = range(1, 18)  # AdCOM 1.0 list "Creative Attributes"
+DEVICE_TYPES = range(1, 9)  # AdCOM 1.0 list "Device Types"
+ISO_ALPHA3 = re.compile(r"[A-Za-z]{3}")
+IAB_CATEGORY = re.compile(r"IAB\d{1,2}(-\d{1,3})?", re.IGNORECASE)
+MAX_VALUE_PER_CLICK_USD = 1000.0  # a sanity limit: above it, a typo or a wrong currency
+MAX_WINDOW_S = 366 * 86400  # memcached's expiry of a counter is a 32-bit Unix time
 BANNER_TYPES = (1, 2, 3, 4)  # OpenRTB banner ad types: XHTML text, XHTML banner, JavaScript, iframe
 
 
@@ -119,16 +124,33 @@ def _validate(c: Campaign, rates: Rates) -> None:
     if not ID_PATTERN.fullmatch(c.id):
         raise CatalogError(f"campaign id {c.id!r}: use 1-64 letters, digits and . _ : - "
                            "(it is part of notice URLs and memcached keys)")
-    if not c.adomain:
-        fail("adomain", "list at least one advertiser domain (OpenRTB Bid.adomain)")
-    if not (c.value_per_click > 0):
-        fail("value_per_click", "must be a positive amount")
+    if not c.adomain or not all(d.strip() for d in c.adomain):
+        fail("adomain", "list at least one advertiser domain, none empty (OpenRTB Bid.adomain)")
+    if not all(IAB_CATEGORY.fullmatch(k) for k in c.cat):
+        fail("cat", f"{c.cat}: use IAB Content Category 1.0 codes such as IAB18 or IAB18-1 (the "
+                    "taxonomy bcat and acat are checked in)")
     if not rates.knows(c.currency):
         fail("currency", f"{c.currency!r} has no rate; add it with --currency-rates")
+    if not (c.value_per_click > 0):  # also NaN
+        fail("value_per_click", "must be a positive amount")
+    usd = rates.to_usd(c.value_per_click, c.currency)
+    if not usd <= MAX_VALUE_PER_CLICK_USD:
+        fail("value_per_click", f"{c.value_per_click} {c.currency} ({usd:.6g} USD) a click is over "
+                                f"the {MAX_VALUE_PER_CLICK_USD:g} USD sanity limit: check the "
+                                "amount and its currency")
+    targeting = c.targeting or Targeting()
+    if not all(ISO_ALPHA3.fullmatch(k) for k in targeting.countries):
+        fail("targeting.countries", f"{targeting.countries}: use ISO-3166-1 alpha-3 codes such as "
+                                    "JPN or USA (OpenRTB's geo.country)")
+    if not all(t in DEVICE_TYPES for t in targeting.devicetypes):
+        fail("targeting.devicetypes", f"{targeting.devicetypes}: use AdCOM 1.0 device types, 1 to "
+                                      "8 (1 mobile/tablet, 2 PC, 3 CTV, 4 phone, 5 tablet, ...)")
     if not c.creatives:
         fail("creatives", "a campaign needs at least one creative")
     seen: set[str] = set()
     for cr in c.creatives:
+        if not cr.id.strip():
+            fail("creatives", "every creative needs a non-empty id (the bid's crid)")
         if cr.id in seen:
             fail("creatives", f"duplicate creative id {cr.id!r}")
         seen.add(cr.id)
@@ -146,8 +168,9 @@ def _validate(c: Campaign, rates: Rates) -> None:
     if c.budget is not None and not c.budget > 0:
         fail("budget", "must be a positive amount (or absent for no cap)")
     if c.frequency_cap is not None and (c.frequency_cap.impressions <= 0
-                                        or c.frequency_cap.window_s <= 0):
-        fail("frequency_cap", "impressions and window_s must be positive")
+                                        or not 0 < c.frequency_cap.window_s <= MAX_WINDOW_S):
+        fail("frequency_cap", "impressions must be positive and window_s between 1 s and "
+                              f"{MAX_WINDOW_S // 86400} days")
 
 
 Bits = int  # a set of campaigns: bit i is campaign i

@@ -130,13 +130,32 @@ def test_blocked_creative_attributes_exclude_creatives_that_have_them(server):
     assert bid["crid"] == "us-autos-320x50" and "attr" not in bid
 
 
-@pytest.mark.parametrize("attr", [[0], [18], [1, 1]])
-def test_catalog_refuses_creative_attributes_that_are_not_distinct_adcom_codes(tmp_path, attr):
+@pytest.mark.parametrize("where, value, message", [
+    (("creatives", 0, "attr"), [0], "attr must hold distinct AdCOM"),
+    (("creatives", 0, "attr"), [18], "attr must hold distinct AdCOM"),
+    (("creatives", 0, "attr"), [1, 1], "attr must hold distinct AdCOM"),
+    (("creatives", 0, "id"), " ", "non-empty id"),
+    (("value_per_click",), 1e308, "over the 1000 USD sanity limit"),
+    (("value_per_click",), 0, "must be a positive amount"),
+    (("targeting", "countries"), ["US"], "ISO-3166-1 alpha-3"),
+    (("targeting", "devicetypes"), [0], "AdCOM 1.0 device types"),
+    (("cat",), ["Automotive"], "IAB Content Category 1.0"),
+    (("adomain",), [""], "none empty"),
+    (("frequency_cap",), {"impressions": 1, "window_s": 400 * 86400}, "between 1 s and 366 days"),
+])
+def test_catalog_refuses_values_that_would_never_match_or_misprice(tmp_path, where, value,
+                                                                   message):
+    """Found by fuzzing the catalog: each of these loaded, then never matched a request (a
+    country in alpha-2, a device type 0), bid absurd prices (a value per click of 1e308) or
+    lost a frequency cap's counts."""
     catalog = json.load(open(CATALOG))
-    catalog["campaigns"][1]["creatives"][0]["attr"] = attr
+    node = catalog["campaigns"][1]
+    for key in where[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[where[-1]] = value
     path = tmp_path / "campaigns.json"
     path.write_text(json.dumps(catalog))
-    with pytest.raises(CatalogError, match=r"us-autos.*attr must hold distinct AdCOM"):
+    with pytest.raises(CatalogError, match=rf"us-autos.*{message}"):
         load(str(path), Rates({}))
 
 
