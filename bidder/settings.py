@@ -8,10 +8,12 @@ Gunicorn hooks and the workers. Precedence: command line > environment > default
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "BIDDER_"
 SERVE_COMMANDS = ("serve", "demo", "ab")
@@ -29,8 +31,39 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, on/off), got {text!r}")
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("", "none", "off") else float(text)
+def _number(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:
+    """A parser of finite ``kind`` values at least (or, ``exclusive``, more than) ``minimum``:
+    a value that would make every request fail (a zero timeout, a negative body limit) stops
+    the start with the flag named, rather than running."""
+    bound = f"more than {minimum:g}" if exclusive else f"at least {minimum:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (value > minimum if exclusive else value >= minimum) or value == math.inf:
+            raise argparse.ArgumentTypeError(
+                f"must be {bound}{' and finite' if kind is float else ''}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _optional_positive(text: str) -> float | None:
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    return _number(float, 0.0, exclusive=True)(text)
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL with a host, got "
+                                         f"{text!r} (e.g. https://bidder.example.com)")
+    return text
 
 
 @dataclass(frozen=True)
@@ -54,7 +87,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bind", "--bind", "127.0.0.1:8080", "Address the server listens on, HOST:PORT.",
             metavar="HOST:PORT"),
     Setting("workers", "--workers", 0, "Worker processes; 0 means one per CPU this process may use "
-            "(os.sched_getaffinity, so taskset and cgroup cpusets count).", type=int),
+            "(os.sched_getaffinity, so taskset and cgroup cpusets count).", type=_number(int, 0)),
     Setting("worker_class", "--worker-class", "server_hooks.worker.BalancedThreadWorker",
             "Gunicorn worker class. The default is a gthread worker that keeps HTTP/1.1 "
             "connections alive and accepts only while it holds no more connections than its "
@@ -62,18 +95,18 @@ SETTINGS: tuple[Setting, ...] = (
             "'gthread' and 'sync' (closes every connection) are there for comparison."),
     Setting("threads", "--threads", 1, "Request threads per worker. The bid path is CPU-bound "
             "and holds the GIL, so 1 keeps one request per pinned core; keep-alive connections "
-            "wait in the worker's poller, not in a thread.", type=int),
+            "wait in the worker's poller, not in a thread.", type=_number(int, 1)),
     Setting("offload_paths", "--offload-paths", "/notice/",
             "Path prefixes (comma-separated) whose requests go to the worker's thread pool "
             "instead of being handled inline with --threads 1: win and billing notices write "
             "the SQLite ledger (fsync, lock waits), which must not hold up bids. Empty: none.",
             metavar="PREFIX,..."),
     Setting("keepalive", "--keepalive", 30, "Seconds an idle keep-alive connection is held open.",
-            type=int),
+            type=_number(int, 0)),
     Setting("worker_connections", "--worker-connections", 1000,
-            "Maximum open connections per worker.", type=int),
-    Setting("timeout", "--timeout", 30, "Seconds of silence after which the master kills a worker.",
-            type=int),
+            "Maximum open connections per worker.", type=_number(int, 1)),
+    Setting("timeout", "--timeout", 30, "Seconds of silence after which the master kills a worker "
+            "(0: never, as in Gunicorn).", type=_number(int, 0)),
     Setting("pid", "--pid", None, "Write the master's PID to this file (as Gunicorn's --pid).",
             metavar="FILE"),
     Setting("app", "--app", None, "WSGI app to serve instead of the bidder, MODULE:CALLABLE "
@@ -89,20 +122,21 @@ SETTINGS: tuple[Setting, ...] = (
             "answers, never moved to another. 'none' runs without a feature store.",
             metavar="HOST:PORT[,...]"),
     Setting("memcached_connect_timeout_ms", "--memcached-connect-timeout-ms", 3.0,
-            "Connect timeout to memcached, in ms.", type=float),
+            "Connect timeout to memcached, in ms.", type=_number(float, 0, exclusive=True)),
     Setting("memcached_timeout_ms", "--memcached-timeout-ms", 5.0,
             "Read/write timeout to memcached, in ms (never more than the request has left).",
-            type=float),
+            type=_number(float, 0, exclusive=True)),
     Setting("memcached_retry_ms", "--memcached-retry-ms", 1000.0,
             "After a memcached fault, how long a worker answers from default features before "
-            "it tries that server again, in ms.", type=float),
+            "it tries that server again, in ms.", type=_number(float, 0)),
     Setting("campaigns", "--campaigns", None, "Campaign catalog JSON; default: the bundled sample.",
             metavar="PATH"),
     Setting("model", "--model", None, "CTR model artifact; default: the bundled model.",
             metavar="PATH"),
     Setting("model_watch_s", "--model-watch-s", 2.0,
             "How often each worker checks the model file for a new version, in seconds "
-            "(0 disables the watch; SIGHUP to the master always reloads).", type=float),
+            "(0 disables the watch; SIGHUP to the master always reloads).",
+            type=_number(float, 0)),
     Setting("currency_rates", "--currency-rates", "EUR=1.08,GBP=1.27,JPY=0.0067,CAD=0.73,AUD=0.65",
             "USD value of one unit of each other currency, CUR=RATE[,...], or a JSON file "
             "{\"EUR\": 1.08, ...}. Floors in a currency not listed make that imp ineligible.",
@@ -112,18 +146,19 @@ SETTINGS: tuple[Setting, ...] = (
             "are booked from it).", metavar="PATH"),
     Setting("notice_url", "--notice-url", None,
             "Base URL the exchange calls back for win/billing notices; default: http://BIND.",
-            metavar="URL"),
+            type=_http_url, metavar="URL"),
     Setting("notice_secret", "--notice-secret", DEFAULT_NOTICE_SECRET,
             "Key that signs win/billing notice URLs (keyed BLAKE2b) so forged notices are "
             "refused; the default is public: set your own in production."),
     # --- bid path -------------------------------------------------------------------------------
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
-            "Largest request body accepted (after gzip decoding); larger gets 413.", type=int),
+            "Largest request body accepted (after gzip decoding); larger gets 413.",
+            type=_number(int, 1)),
     Setting("default_tmax_ms", "--default-tmax-ms", 50, "Deadline when a request has no tmax, ms.",
-            type=int),
+            type=_number(int, 1)),
     Setting("safety_margin_ms", "--safety-margin-ms", 10,
             "Part of tmax kept for the network and the exchange; the bidder answers 204 once "
-            "tmax - margin has passed since the request arrived.", type=int),
+            "tmax - margin has passed since the request arrived.", type=_number(int, 0)),
     # --- pinning and scheduling (server_hooks) --------------------------------------------------
     Setting("pin", "--pin", True, "Pin each worker to its own CPU right after fork.",
             type=_bool, boolean=True),
@@ -135,7 +170,7 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="CPUS"),
     Setting("slice_ms", "--slice-ms", None, "Per-worker EEVDF slice in ms (Linux >= 6.12, "
             "sched_setattr sched_runtime; clamped by the kernel to 0.1-100). 'off' leaves the "
-            "kernel default.", type=_optional_float, metavar="MS"),
+            "kernel default.", type=_optional_positive, metavar="MS"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

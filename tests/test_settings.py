@@ -40,6 +40,25 @@ def test_a_bad_environment_value_names_the_variable_and_the_flag():
         settings.resolve(parse([]), environ={"BIDDER_WORKERS": "many"})
 
 
+@pytest.mark.parametrize("flag, value, why", [
+    ("--threads", "0", "at least 1"), ("--workers", "-1", "at least 0"),
+    ("--max-body-bytes", "-1", "at least 1"), ("--default-tmax-ms", "0", "at least 1"),
+    ("--safety-margin-ms", "-3", "at least 0"), ("--memcached-timeout-ms", "0", "more than 0"),
+    ("--memcached-timeout-ms", "inf", "finite"), ("--memcached-retry-ms", "-1", "at least 0"),
+    ("--slice-ms", "0", "more than 0"), ("--notice-url", "ftp://bidder.example", "http://"),
+    ("--workers", "two", "an integer"),
+])
+def test_values_that_would_fail_every_request_stop_the_start_naming_the_flag(flag, value, why):
+    """Each of these used to start a server that refused or no-bid every request (a zero
+    memcached timeout, a negative body limit) or crashed Gunicorn's boot (--threads 0)."""
+    result = subprocess.run([sys.executable, "-m", "bidder.cli", "serve", flag, value],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and flag in result.stderr and why in result.stderr
+    env = {f"BIDDER_{flag[2:].replace('-', '_').upper()}": value}
+    with pytest.raises(SystemExit, match=why):
+        settings.resolve(parse([]), environ=env)
+
+
 def test_serve_help_lists_every_setting_with_its_environment_variable():
     out = subprocess.run([sys.executable, "-m", "bidder.cli", "serve", "--help"],
                          capture_output=True, text=True, timeout=60).stdout
