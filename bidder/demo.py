@@ -17,17 +17,20 @@ from contextlib import ExitStack
 
 from bidder import memcached_proc
 from bidder.seed import seed_users
+from bidder.settings import number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memcached", default=None, metavar="HOST:PORT[,...]",
                         help="use these memcached servers instead of starting an embedded one")
-    parser.add_argument("--users", type=int, default=20_000, help="users to seed")
-    parser.add_argument("--workers", type=int, default=0, help="workers (0: one per CPU)")
-    parser.add_argument("--rate", type=float, default=300.0,
+    parser.add_argument("--users", type=number(int, 1), default=20_000, help="users to seed")
+    parser.add_argument("--workers", type=number(int, 0), default=0,
+                        help="workers (0: one per CPU)")
+    parser.add_argument("--rate", type=number(float, 0, exclusive=True), default=300.0,
                         help="offered open-loop rate of the latency burst, requests/s")
-    parser.add_argument("--duration", type=float, default=5.0, help="latency burst length, s")
-    parser.add_argument("--show", type=int, default=3, help="requests to show in full")
+    parser.add_argument("--duration", type=number(float, 0, exclusive=True), default=5.0,
+                        help="latency burst length, s")
+    parser.add_argument("--show", type=number(int, 0), default=3, help="requests to show in full")
     parser.add_argument("--model", default=None, metavar="PATH", help="model artifact")
     parser.add_argument("--campaigns", default=None, metavar="PATH", help="campaign catalog")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",

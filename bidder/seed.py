@@ -10,6 +10,7 @@ from pymemcache.client.hash import HashClient
 from bidder import world
 from bidder.featurestore import (Crc32Rendezvous, UserFeatures, UserFeaturesSerde, parse_servers,
                                  user_key)
+from bidder.settings import number
 
 BATCH = 1000
 
@@ -17,8 +18,10 @@ BATCH = 1000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memcached", default="127.0.0.1:11211", metavar="HOST:PORT[,...]",
                         help="memcached server(s) to load")
-    parser.add_argument("--users", type=int, default=100_000, help="how many users to seed")
-    parser.add_argument("--ttl", type=int, default=0, help="expiry in seconds (0: never)")
+    parser.add_argument("--users", type=number(int, 1), default=100_000,
+                        help="how many users to seed")
+    parser.add_argument("--ttl", type=number(int, 0), default=0,
+                        help="expiry in seconds (0: never)")
 
 
 def seed_users(address: str, n: int, ttl: int = 0, progress: bool = True) -> int:

@@ -31,7 +31,7 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, on/off), got {text!r}")
 
 
-def _number(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:
+def number(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:
     """A parser of finite ``kind`` values at least (or, ``exclusive``, more than) ``minimum``:
     a value that would make every request fail (a zero timeout, a negative body limit) stops
     the start with the flag named, rather than running."""
@@ -55,7 +55,7 @@ def _number(kind: type, minimum: float, exclusive: bool = False) -> Callable[[st
 def _optional_positive(text: str) -> float | None:
     if text.strip().lower() in ("", "none", "off"):
         return None
-    return _number(float, 0.0, exclusive=True)(text)
+    return number(float, 0.0, exclusive=True)(text)
 
 
 def _http_url(text: str) -> str:
@@ -87,7 +87,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bind", "--bind", "127.0.0.1:8080", "Address the server listens on, HOST:PORT.",
             metavar="HOST:PORT"),
     Setting("workers", "--workers", 0, "Worker processes; 0 means one per CPU this process may use "
-            "(os.sched_getaffinity, so taskset and cgroup cpusets count).", type=_number(int, 0)),
+            "(os.sched_getaffinity, so taskset and cgroup cpusets count).", type=number(int, 0)),
     Setting("worker_class", "--worker-class", "server_hooks.worker.BalancedThreadWorker",
             "Gunicorn worker class. The default is a gthread worker that keeps HTTP/1.1 "
             "connections alive and accepts only while it holds no more connections than its "
@@ -95,18 +95,18 @@ SETTINGS: tuple[Setting, ...] = (
             "'gthread' and 'sync' (closes every connection) are there for comparison."),
     Setting("threads", "--threads", 1, "Request threads per worker. The bid path is CPU-bound "
             "and holds the GIL, so 1 keeps one request per pinned core; keep-alive connections "
-            "wait in the worker's poller, not in a thread.", type=_number(int, 1)),
+            "wait in the worker's poller, not in a thread.", type=number(int, 1)),
     Setting("offload_paths", "--offload-paths", "/notice/",
             "Path prefixes (comma-separated) whose requests go to the worker's thread pool "
             "instead of being handled inline with --threads 1: win and billing notices write "
             "the SQLite ledger (fsync, lock waits), which must not hold up bids. Empty: none.",
             metavar="PREFIX,..."),
     Setting("keepalive", "--keepalive", 30, "Seconds an idle keep-alive connection is held open.",
-            type=_number(int, 0)),
+            type=number(int, 0)),
     Setting("worker_connections", "--worker-connections", 1000,
-            "Maximum open connections per worker.", type=_number(int, 1)),
+            "Maximum open connections per worker.", type=number(int, 1)),
     Setting("timeout", "--timeout", 30, "Seconds of silence after which the master kills a worker "
-            "(0: never, as in Gunicorn).", type=_number(int, 0)),
+            "(0: never, as in Gunicorn).", type=number(int, 0)),
     Setting("pid", "--pid", None, "Write the master's PID to this file (as Gunicorn's --pid).",
             metavar="FILE"),
     Setting("app", "--app", None, "WSGI app to serve instead of the bidder, MODULE:CALLABLE "
@@ -122,13 +122,13 @@ SETTINGS: tuple[Setting, ...] = (
             "answers, never moved to another. 'none' runs without a feature store.",
             metavar="HOST:PORT[,...]"),
     Setting("memcached_connect_timeout_ms", "--memcached-connect-timeout-ms", 3.0,
-            "Connect timeout to memcached, in ms.", type=_number(float, 0, exclusive=True)),
+            "Connect timeout to memcached, in ms.", type=number(float, 0, exclusive=True)),
     Setting("memcached_timeout_ms", "--memcached-timeout-ms", 5.0,
             "Read/write timeout to memcached, in ms (never more than the request has left).",
-            type=_number(float, 0, exclusive=True)),
+            type=number(float, 0, exclusive=True)),
     Setting("memcached_retry_ms", "--memcached-retry-ms", 1000.0,
             "After a memcached fault, how long a worker answers from default features before "
-            "it tries that server again, in ms.", type=_number(float, 0)),
+            "it tries that server again, in ms.", type=number(float, 0)),
     Setting("campaigns", "--campaigns", None, "Campaign catalog JSON; default: the bundled sample.",
             metavar="PATH"),
     Setting("model", "--model", None, "CTR model artifact; default: the bundled model.",
@@ -136,7 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_watch_s", "--model-watch-s", 2.0,
             "How often each worker checks the model file for a new version, in seconds "
             "(0 disables the watch; SIGHUP to the master always reloads).",
-            type=_number(float, 0)),
+            type=number(float, 0)),
     Setting("currency_rates", "--currency-rates", "EUR=1.08,GBP=1.27,JPY=0.0067,CAD=0.73,AUD=0.65",
             "USD value of one unit of each other currency, CUR=RATE[,...], or a JSON file "
             "{\"EUR\": 1.08, ...}. Floors in a currency not listed make that imp ineligible.",
@@ -153,12 +153,12 @@ SETTINGS: tuple[Setting, ...] = (
     # --- bid path -------------------------------------------------------------------------------
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.",
-            type=_number(int, 1)),
+            type=number(int, 1)),
     Setting("default_tmax_ms", "--default-tmax-ms", 50, "Deadline when a request has no tmax, ms.",
-            type=_number(int, 1)),
+            type=number(int, 1)),
     Setting("safety_margin_ms", "--safety-margin-ms", 10,
             "Part of tmax kept for the network and the exchange; the bidder answers 204 once "
-            "tmax - margin has passed since the request arrived.", type=_number(int, 0)),
+            "tmax - margin has passed since the request arrived.", type=number(int, 0)),
     # --- pinning and scheduling (server_hooks) --------------------------------------------------
     Setting("pin", "--pin", True, "Pin each worker to its own CPU right after fork.",
             type=_bool, boolean=True),

@@ -22,6 +22,7 @@ from typing import Any
 
 from bidder import settings as settings_mod
 from bidder.memcached_proc import EmbeddedMemcached
+from bidder.settings import number
 from loadtests import openloop, perf, report, stack, stats, traffic
 
 # The per-run metrics compared between arms (lower is better for all but rps).
@@ -33,12 +34,14 @@ NOT_FORWARDED = ("bind", "pid", "memcached")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=10.0, help="Measured seconds per run.")
-    parser.add_argument("--reps", type=int, default=3, help="Runs per arm.")
-    parser.add_argument("--rate", type=float, default=200.0, help="Offered open-loop requests/s.")
-    parser.add_argument("--warmup", type=float, default=2.0,
+    parser.add_argument("--duration", type=number(float, 0, exclusive=True), default=10.0,
+                        help="Measured seconds per run.")
+    parser.add_argument("--reps", type=number(int, 1), default=3, help="Runs per arm.")
+    parser.add_argument("--rate", type=number(float, 0, exclusive=True), default=200.0,
+                        help="Offered open-loop requests/s.")
+    parser.add_argument("--warmup", type=number(float, 0), default=2.0,
                         help="Unmeasured seconds per run first.")
-    parser.add_argument("--connections", type=int, default=32,
+    parser.add_argument("--connections", type=number(int, 1), default=32,
                         help="Keep-alive connections of the load generator.")
     parser.add_argument("--out", default="ab-report", help="Directory for the report files.")
     parser.add_argument("--a", default="--pin", help="bidder serve options of arm A.")
@@ -46,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--a-name", default=None, help="Name of arm A (default: pinned for the "
                         "default arms, else the options).")
     parser.add_argument("--b-name", default=None, help="Name of arm B.")
-    parser.add_argument("--users", type=int, default=10_000, help="Users to seed.")
+    parser.add_argument("--users", type=number(int, 1), default=10_000, help="Users to seed.")
     parser.add_argument("--mix", default="",
                         help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
     parser.add_argument("--seed", type=int, default=0,
@@ -58,8 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @stack.reports_errors("ab")
 def run(args: argparse.Namespace) -> int:
     traffic.Mix.parse(args.mix)  # a bad --mix fails now, not after starting servers
-    if args.reps < 1 or args.duration <= 0 or args.rate <= 0:
-        raise SystemExit("bidder ab: --reps, --duration and --rate must be positive")
     arms = _arms(args)
     out = stack.workdir(args.out)
     common = _forwarded(args)

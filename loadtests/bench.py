@@ -23,28 +23,32 @@ import time
 from typing import Any
 
 from bidder.memcached_proc import EmbeddedMemcached
+from bidder.settings import number
 from loadtests import capacity, openloop, stack, stats, traffic
 from loadtests.ab import interleaved_order
 
 HELLO_APP = "loadtests.hello_app:app"
 TARGET_RATIO = 0.6
 SATURATED = 0.9  # generator CPU share of one core above which it is the bottleneck
+CAPACITY_STEP_S, CAPACITY_WARMUP_S = 3.0, 1.0  # each step of the capacity search
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=8.0,
+    parser.add_argument("--duration", type=number(float, 0, exclusive=True), default=8.0,
                         help="Measured s per closed-loop run.")
-    parser.add_argument("--warmup", type=float, default=2.0, help="Unmeasured s before each run.")
-    parser.add_argument("--connections", type=int, default=32, help="Keep-alive connections.")
-    parser.add_argument("--reps", type=int, default=2,
+    parser.add_argument("--warmup", type=number(float, 0), default=2.0,
+                        help="Unmeasured s before each run.")
+    parser.add_argument("--connections", type=number(int, 1), default=32,
+                        help="Keep-alive connections.")
+    parser.add_argument("--reps", type=number(int, 1), default=2,
                         help="Closed-loop runs per app (interleaved).")
     parser.add_argument("--serve", default="", help="bidder serve options, the same for both apps.")
-    parser.add_argument("--users", type=int, default=10_000, help="Users to seed.")
+    parser.add_argument("--users", type=number(int, 1), default=10_000, help="Users to seed.")
     parser.add_argument("--mix", default="",
                         help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
-    parser.add_argument("--sla-p99-ms", type=float, default=50.0,
+    parser.add_argument("--sla-p99-ms", type=number(float, 0, exclusive=True), default=50.0,
                         help="p99 SLA of the capacity search.")
-    parser.add_argument("--capacity-budget", type=float, default=60.0,
+    parser.add_argument("--capacity-budget", type=number(float, 0), default=60.0,
                         help="Seconds for the capacity search (0 skips it).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the run order.")
     parser.add_argument("--out", default="bench-report", help="Directory for bench.json and logs.")
@@ -53,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @stack.reports_errors("bench")
 def run(args: argparse.Namespace) -> int:
     traffic.Mix.parse(args.mix)  # a bad --mix fails now, not after starting servers
+    if args.capacity_budget > 0:  # 0 skips the search
+        capacity.check_budget(args.capacity_budget, CAPACITY_WARMUP_S, CAPACITY_STEP_S)
     out = stack.workdir(args.out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -78,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
             with stack.Server(serve_args, memcached.address, logs,
                               cpus=placement.server_cpus) as server:
                 cap = capacity.search(server.url, args.sla_p99_ms, max(10.0, 0.4 * bidder_rps),
-                                      1.3, 8, 3.0, 1.0, args.capacity_budget, 64, logs,
-                                      args.users, args.mix, placement.generator_cpus)
+                                      1.3, 8, CAPACITY_STEP_S, CAPACITY_WARMUP_S,
+                                      args.capacity_budget, 64, logs, args.users, args.mix,
+                                      placement.generator_cpus)
     doc = summarise(runs, cap, placement, args)
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(doc, f, indent=2)

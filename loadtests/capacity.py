@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bidder.memcached_proc import EmbeddedMemcached
+from bidder.settings import number
 from loadtests import openloop, stack, traffic
 
 ACHIEVED_SHARE = 0.95  # a step passes only if this share of the offered rate was answered
@@ -56,20 +57,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None,
                         help="A running server; default: start memcached, users and bidder serve.")
     parser.add_argument("--serve", default="", help="bidder serve options when starting one.")
-    parser.add_argument("--sla-p99-ms", type=float, default=50.0, help="p99 latency SLA, ms.")
-    parser.add_argument("--start", type=float, default=100.0,
+    parser.add_argument("--sla-p99-ms", type=number(float, 0, exclusive=True), default=50.0,
+                        help="p99 latency SLA, ms.")
+    parser.add_argument("--start", type=number(float, 0, exclusive=True), default=100.0,
                         help="First offered rate, requests/s.")
-    parser.add_argument("--factor", type=float, default=1.5, help="Rate multiplier while passing.")
-    parser.add_argument("--max-steps", type=int, default=10, help="At most this many steps.")
-    parser.add_argument("--step-duration", type=float, default=5.0, help="Measured s per step.")
-    parser.add_argument("--warmup", type=float, default=1.0, help="Unmeasured s before each step.")
-    parser.add_argument("--budget", type=float, default=120.0, help="Stop starting steps after "
-                        "this many seconds.")
-    parser.add_argument("--connections", type=int, default=64, help="Keep-alive connections.")
-    parser.add_argument("--users", type=int, default=10_000, help="Users to seed / to address.")
+    parser.add_argument("--factor", type=number(float, 1, exclusive=True), default=1.5,
+                        help="Rate multiplier while passing.")
+    parser.add_argument("--max-steps", type=number(int, 1), default=10,
+                        help="At most this many steps.")
+    parser.add_argument("--step-duration", type=number(float, 0, exclusive=True), default=5.0,
+                        help="Measured s per step.")
+    parser.add_argument("--warmup", type=number(float, 0), default=1.0,
+                        help="Unmeasured s before each step.")
+    parser.add_argument("--budget", type=number(float, 0, exclusive=True), default=120.0,
+                        help="Stop starting steps after this many seconds.")
+    parser.add_argument("--connections", type=number(int, 1), default=64,
+                        help="Keep-alive connections.")
+    parser.add_argument("--users", type=number(int, 1), default=10_000,
+                        help="Users to seed / to address.")
     parser.add_argument("--mix", default="",
                         help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
     parser.add_argument("--out", default="capacity-report", help="Directory for capacity.json/png.")
+
+
+def check_budget(budget_s: float, warmup_s: float, step_s: float) -> None:
+    """ValueError when not even one step fits in the budget (it would report a capacity of 0)."""
+    if warmup_s + step_s >= budget_s:
+        raise ValueError(f"a capacity budget of {budget_s:g} s holds no step of {warmup_s:g} s "
+                         f"warm-up + {step_s:g} s: give it more time or shorten the steps")
 
 
 def search(url: str, sla_p99_ms: float, start: float, factor: float, max_steps: int,
@@ -78,6 +93,7 @@ def search(url: str, sla_p99_ms: float, start: float, factor: float, max_steps: 
     """Step and bisect the offered rate against ``url``; see the module doc."""
     if start <= 0 or factor <= 1.0 or max_steps < 1:
         raise ValueError("capacity: need --start > 0, --factor > 1 and --max-steps >= 1")
+    check_budget(budget_s, warmup_s, step_s)
     gen_out = os.path.join(workdir, "capacity-step.json")
     deadline = time.monotonic() + budget_s
     steps: list[Step] = []
@@ -170,6 +186,7 @@ def plot(result: Capacity, path: str) -> None:
 @stack.reports_errors("capacity")
 def run(args: argparse.Namespace) -> int:
     traffic.Mix.parse(args.mix)  # a bad --mix fails now, not after starting servers
+    check_budget(args.budget, args.warmup, args.step_duration)
     out = stack.workdir(args.out)
     placement = stack.Placement.plan()
     stack.log(f"placement: {placement.note}")

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+
+import pytest
 
 from loadtests import perf, stack
 from loadtests.ab import interleaved_order
@@ -56,3 +60,22 @@ def test_perf_output_parsing_skips_unsupported_events():
             "<not supported>,,cache-misses,0,100,,\n")
     assert perf._parse(text) == {"cycles": 123.0, "instructions": 456.0}
     assert perf._parse("<not supported>,,cycles,0,100.00,,\n") == {}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--reps", "0"], "argument --reps: must be at least 1"),
+    (["bench", "--capacity-budget", "3"], "a capacity budget of 3 s holds no step"),
+    (["capacity", "--budget", "2"], "a capacity budget of 2 s holds no step"),
+    (["ab", "--rate", "-5"], "argument --rate: must be more than 0"),
+    (["demo", "--users", "0"], "argument --users: must be at least 1"),
+    (["seed", "--users", "-5"], "argument --users: must be at least 1"),
+])
+def test_harness_arguments_that_cannot_work_are_refused_before_anything_starts(argv, says):
+    """Each of these used to run: a bench with zero reps failed after its capacity search
+    (max() of nothing), a budget shorter than one step reported a capacity of 0, and a demo
+    with negative users ended in a traceback."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "bidder.cli", *argv], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and says in result.stderr, result.stderr[-500:]
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 20
