@@ -31,11 +31,14 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, on/off), got {text!r}")
 
 
-def number(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str], Any]:
-    """A parser of finite ``kind`` values at least (or, ``exclusive``, more than) ``minimum``:
-    a value that would make every request fail (a zero timeout, a negative body limit) stops
-    the start with the flag named, rather than running."""
+def number(kind: type, minimum: float, exclusive: bool = False,
+           maximum: float = math.inf) -> Callable[[str], Any]:
+    """A parser of finite ``kind`` values at least (or, ``exclusive``, more than) ``minimum``
+    and at most ``maximum``: a value that would make every request fail (a zero timeout, a
+    negative body limit) stops the start with the flag named, rather than running."""
     bound = f"more than {minimum:g}" if exclusive else f"at least {minimum:g}"
+    if maximum != math.inf:
+        bound += f" and at most {maximum:g}"
 
     def parse(text: str) -> Any:
         try:
@@ -43,7 +46,8 @@ def number(kind: type, minimum: float, exclusive: bool = False) -> Callable[[str
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not (value > minimum if exclusive else value >= minimum) or value == math.inf:
+        if not (value > minimum if exclusive else value >= minimum) or not value <= maximum \
+                or value == math.inf:
             raise argparse.ArgumentTypeError(
                 f"must be {bound}{' and finite' if kind is float else ''}, got {text}")
         return value

@@ -35,14 +35,18 @@ def sigmoid_(z: np.ndarray) -> np.ndarray:
     return z
 
 
+MIN_HASH_BITS, MAX_HASH_BITS = 4, 30  # a hash space of 16 to 2**30 buckets
+
+
 class HashedModel(ABC):
     """Base of the LR and FM models: ``fit`` / ``partial_fit`` / ``predict_proba`` over hashed rows."""
 
     kind: ClassVar[str]
 
     def __init__(self, hash_bits: int, batch_size: int, epochs: int, seed: int):
-        if not 4 <= hash_bits <= 30:
-            raise ValueError(f"hash_bits must be in 4..30, got {hash_bits}")
+        if not MIN_HASH_BITS <= hash_bits <= MAX_HASH_BITS:
+            raise ValueError(f"hash_bits must be in {MIN_HASH_BITS}..{MAX_HASH_BITS}, "
+                             f"got {hash_bits}")
         self.hash_bits = hash_bits
         self.batch_size = batch_size
         self.epochs = epochs

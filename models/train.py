@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bidder.settings import number
 from models import artifact, evaluate, logs
-from models.base import HashedModel
+from models.base import MAX_HASH_BITS, MIN_HASH_BITS, HashedModel
 from models.features import DEFAULT_HASH_BITS
 
 
@@ -27,16 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=("lr", "fm"), default="lr",
                         help="lr: FTRL logistic regression; fm: factorization machine")
     parser.add_argument("--out", required=True, metavar="PATH", help="artifact file to write")
-    parser.add_argument("--hash-bits", type=int, default=DEFAULT_HASH_BITS,
+    parser.add_argument("--hash-bits", type=number(int, MIN_HASH_BITS, maximum=MAX_HASH_BITS),
+                        default=DEFAULT_HASH_BITS,
                         help="hash space 2**bits (file size ~ 4 * 2**bits bytes for lr, x(2+k) for fm)")
-    parser.add_argument("--epochs", type=int, help="passes over the training split (default: lr 2, fm 3)")
-    parser.add_argument("--alpha", type=float, default=0.1, help="FTRL learning rate alpha")
-    parser.add_argument("--beta", type=float, default=1.0, help="FTRL beta")
-    parser.add_argument("--l1", type=float, default=0.1, help="FTRL L1 strength")
-    parser.add_argument("--l2", type=float, default=0.1, help="FTRL L2 strength")
-    parser.add_argument("--k", type=int, default=8, help="FM factors per feature")
-    parser.add_argument("--lr-v", type=float, default=0.05, help="FM factor learning rate (AdaGrad)")
-    parser.add_argument("--l2-v", type=float, default=1e-2, help="FM factor L2 strength")
+    parser.add_argument("--epochs", type=number(int, 1),
+                        help="passes over the training split (default: lr 2, fm 3)")
+    parser.add_argument("--alpha", type=number(float, 0, exclusive=True), default=0.1,
+                        help="FTRL learning rate alpha")
+    parser.add_argument("--beta", type=number(float, 0), default=1.0, help="FTRL beta")
+    parser.add_argument("--l1", type=number(float, 0), default=0.1, help="FTRL L1 strength")
+    parser.add_argument("--l2", type=number(float, 0), default=0.1, help="FTRL L2 strength")
+    parser.add_argument("--k", type=number(int, 1), default=8, help="FM factors per feature")
+    parser.add_argument("--lr-v", type=number(float, 0, exclusive=True), default=0.05,
+                        help="FM factor learning rate (AdaGrad)")
+    parser.add_argument("--l2-v", type=number(float, 0), default=1e-2,
+                        help="FM factor L2 strength")
     parser.add_argument("--holdout", type=float, default=0.3,
                         help="fraction of rows held out (half calibrates, half tests)")
     parser.add_argument("--no-calibration", action="store_true", help="skip Platt calibration")

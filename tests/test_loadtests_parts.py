@@ -69,8 +69,14 @@ def test_perf_output_parsing_skips_unsupported_events():
     (["ab", "--rate", "-5"], "argument --rate: must be more than 0"),
     (["demo", "--users", "0"], "argument --users: must be at least 1"),
     (["seed", "--users", "-5"], "argument --users: must be at least 1"),
+    (["train", "--synthetic", "2000", "--out", "x.npz", "--hash-bits", "0"],
+     "argument --hash-bits: must be at least 4 and at most 30"),  # was a ValueError traceback
+    (["train", "--synthetic", "2000", "--out", "x.npz", "--model", "fm", "--k", "0"],
+     "argument --k: must be at least 1"),  # was a TypeError traceback from numpy
+    (["train", "--synthetic", "2000", "--out", "x.npz", "--epochs", "0"],
+     "argument --epochs: must be at least 1"),  # saved an untrained model
 ])
-def test_harness_arguments_that_cannot_work_are_refused_before_anything_starts(argv, says):
+def test_command_arguments_that_cannot_work_are_refused_before_anything_starts(argv, says):
     """Each of these used to run: a bench with zero reps failed after its capacity search
     (max() of nothing), a budget shorter than one step reported a capacity of 0, and a demo
     with negative users ended in a traceback."""
