@@ -30,7 +30,7 @@ from bidder.notices import NoticeError, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
 from models.artifact import ModelHandle
-from server_hooks.worker import READY_AT
+from server_hooks.environ import READY_AT
 
 log = logging.getLogger("bidder.app")
 

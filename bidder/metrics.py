@@ -19,7 +19,7 @@ import os
 import threading
 from functools import lru_cache
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04,
@@ -34,9 +34,6 @@ BAD_REQUESTS = Counter("bidder_bad_requests_total",
                        "by status.", ["status"])
 LATENCY = Histogram("bidder_bid_latency_seconds", "Time from arrival to answer on /openrtb2/bid.",
                     buckets=LATENCY_BUCKETS)
-REFUSED = Counter("bidder_refused_requests_total",
-                  "Requests the worker answered before the app: malformed framing (400), a body "
-                  "over the limit (413), not arrived whole within 3 s (408).", ["status"])
 FEATURE_STORE = Counter("bidder_feature_store_lookups_total",
                         "User feature look-ups, by outcome (hit, miss, error, skipped).",
                         ["outcome"])
@@ -46,9 +43,6 @@ SPEND_MICROS = Counter("bidder_spend_micros_total",
                        "Spend booked from billing notices, in USD micros.", ["campaign"])
 MODEL_RELOADS = Counter("bidder_model_reloads_total", "Model artifact reloads, by outcome.",
                         ["outcome"])
-WORKER_INFO = Gauge("bidder_worker_info",
-                    "1 per live worker: its slot, pid, the CPUs it may run on and its slice.",
-                    ["slot", "pid", "cpus", "slice_ns"], multiprocess_mode="liveall")
 
 
 FLUSH_S = 0.1  # how late a bid request's counts may reach /metrics
@@ -138,17 +132,6 @@ def child(metric, *labels: str):
     (statuses, no-bid reasons, outcomes), and the lookup cost more than the increment."""
     return metric.labels(*labels)
 
-
-def record_worker(slot: int, pid: int, cpus: str, slice_ns: int | None) -> None:
-    """Publish where a worker runs (called from the ``post_fork`` hook)."""
-    WORKER_INFO.labels(slot=str(slot), pid=str(pid), cpus=cpus,
-                       slice_ns="" if slice_ns is None else str(slice_ns)).set(1)
-
-
-def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (called from the master's ``child_exit`` hook)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.mark_process_dead(pid)
 
 
 def render() -> bytes:

@@ -62,10 +62,9 @@ from functools import partial
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from bidder import metrics
+from server_hooks import metrics
+from server_hooks.environ import READY_AT
 from server_hooks.slots import ConnectionBoard
-
-READY_AT = "bidder.ready_at"  # WSGI environ key: when the request arrived (monotonic s)
 
 # Linux: receive timestamps (struct timespec, CLOCK_REALTIME) of the bytes at the head of a
 # socket's queue, delivered with recvmsg even when peeking (not in Python's socket module).
@@ -425,7 +424,7 @@ class BalancedThreadWorker(ThreadWorker):
         while self._arriving and self._arriving[0].timeout <= now:
             conn = self._arriving.popleft()
             self.poller.unregister(conn.sock)
-            metrics.child(metrics.REFUSED, "408").inc()
+            metrics.REFUSED.labels("408").inc()
             try:
                 conn.sock.send(TIMEOUT_408, socket.MSG_DONTWAIT)
             except OSError:
@@ -436,7 +435,7 @@ class BalancedThreadWorker(ThreadWorker):
         """Answer framing no bytes can fix, and close: the rest of the request is unknown.
         Logged at most once a second (a hostile peer must not flood the log)."""
         self._refused += 1
-        metrics.child(metrics.REFUSED, REFUSED_STATUS[state]).inc()
+        metrics.REFUSED.labels(REFUSED_STATUS[state]).inc()
         now = time.monotonic()
         if now >= self._refusal_logged_at + 1.0:
             self.log.warning("refused %d request(s) before the app (framing no bytes can fix, "

@@ -1,0 +1,3 @@
+"""WSGI environ keys the worker sets for the app (a light module: importing it loads no Gunicorn)."""
+
+READY_AT = "bidder.ready_at"  # when the request arrived (time.monotonic() seconds)
