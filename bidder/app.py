@@ -25,7 +25,7 @@ from bidder import metrics
 from bidder.auction import Auction, NoBid
 from bidder.currency import Rates, to_micros
 from bidder.featurestore import UNWRITTEN_MAX, FeatureStore, frequency_key, parse_servers
-from bidder.ledger import Ledger, Notice
+from bidder.ledger import Ledger, LedgerError, Notice, open_ledger
 from bidder.notices import NoticeError, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
@@ -58,7 +58,7 @@ class ProcessState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.servers = parse_servers(settings.memcached)
-        Ledger(settings.ledger).close()  # fail at start, not on the first billing notice
+        open_ledger(settings.ledger).close()  # fail at start, not on the first billing notice
         self._local = threading.local()
         self._unwritten: deque = deque(maxlen=UNWRITTEN_MAX)  # shared by this process's stores
         os.register_at_fork(after_in_child=self._forget)
@@ -81,7 +81,7 @@ class ProcessState:
     def ledger(self) -> Ledger:
         ledger = getattr(self._local, "ledger", None)
         if ledger is None:
-            ledger = self._local.ledger = Ledger(self.settings.ledger)
+            ledger = self._local.ledger = open_ledger(self.settings.ledger)
         return ledger
 
 
@@ -374,6 +374,8 @@ def create_app(settings: Settings) -> BidderApp:
         state = ProcessState(settings)
     except ValueError as exc:  # a --memcached address that is not HOST:PORT
         raise StartupError(str(exc)) from None
+    except LedgerError as exc:
+        raise StartupError(f"{exc}; check --ledger") from None
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"cannot open the ledger {settings.ledger!r} ({exc}): its directory "
                            "must exist and be writable; choose another with --ledger PATH") from None

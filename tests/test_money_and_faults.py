@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bidder.ledger import Ledger
+from bidder.ledger import open_ledger
 from bidder.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
 from tests.test_bid_http import CATALOG, bids_of, site_request
@@ -51,7 +51,7 @@ def test_notices_are_booked_once_and_forgeries_refused(start_server, memcached):
         t.join()
     assert sorted(results) == ["booked"] + ["duplicate"] * 11
 
-    ledger = Ledger(os.path.join(server.workdir, "ledger.sqlite3"))
+    ledger = open_ledger(os.path.join(server.workdir, "ledger.sqlite3"))
     expected_micros = round(float(price) * 1_000_000) // 1000
     assert ledger.spend() == {"jp-shoes": expected_micros}
     assert ledger.count("billing") == 1 and ledger.count("win") == 1
@@ -79,7 +79,7 @@ def test_test_requests_are_never_billed(start_server, memcached):
     server = start_server("--campaigns", CATALOG, memcached=memcached.address)
     bid = one_bid(server, test=1)
     assert server.request("GET", notice_path(bid["burl"], "1.0"))[0] == 200
-    ledger = Ledger(os.path.join(server.workdir, "ledger.sqlite3"))
+    ledger = open_ledger(os.path.join(server.workdir, "ledger.sqlite3"))
     assert ledger.count("billing") == 1 and ledger.spend() == {}
     ledger.close()
 
