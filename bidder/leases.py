@@ -36,8 +36,9 @@ from bidder.ledger import TOTAL, Ledger, Sync
 log = logging.getLogger("bidder.leases")
 
 SECONDS_PER_DAY = 86400
+UTC = ZoneInfo("UTC")
 SETTLED_WINDOW_S = 5.0  # notices are read back this far before the last sync (commit delays)
-MIN_SLICE_MICROS = 1000  # a tenth of a cent
+MIN_SLICE_MICROS = 10_000  # a cent: a few impressions at least, however small the share
 STATE_OK, STATE_PACED, STATE_EXHAUSTED = 0, 1, 2
 
 
@@ -88,7 +89,7 @@ class BudgetRule:
     campaign: str
     total_micros: int | None
     daily_micros: int | None
-    zone: ZoneInfo = ZoneInfo("UTC")
+    zone: ZoneInfo = UTC
 
 
 @dataclass
@@ -148,6 +149,7 @@ class BudgetLeases:
         self._synced_at = 0.0
         self._reclaimed_at = 0.0
         self.last_error: str | None = None
+        self.ready = threading.Event()  # set by the first refill
 
     # --- bid path ---------------------------------------------------------------------------
     def reserve(self, index: int, bid_id: str, cost: int) -> bool:
@@ -163,6 +165,7 @@ class BudgetLeases:
             for slot in slots:
                 if slot.available < cost:
                     slot.want = max(slot.want, 2 * cost)
+                    slot.cost = cost
                     self.blocked |= 1 << index
                     self._wake.set()
                     return False
@@ -266,6 +269,7 @@ class BudgetLeases:
             self._reclaimed_at = now_wall
             ledger.reclaim(now_wall - s.lease_ttl_s)
         self._recompute_blocked(sync)
+        self.ready.set()
 
     @staticmethod
     def _budget_of(rule: BudgetRule, slot: Slot) -> int:
@@ -305,7 +309,7 @@ class BudgetLeases:
         with self._lock:
             for i, campaign in self._campaigns.items():
                 short = [slot for slot in campaign.slots
-                         if slot.available <= 0 or slot.available < max(slot.cost, slot.want // 2)]
+                         if slot.available <= 0 or slot.available < slot.cost]
                 state = STATE_OK
                 if short:
                     blocked |= 1 << i

@@ -258,6 +258,8 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
     for extra in leave:
         [bid] = bids_of(server.bid(site_request(country="FRA", **extra))[2])
         assert bid["cid"] == "capped" and "&u=&" not in bid["burl"], extra
+        # lost: its pending count (cap 1) is released for the next
+        assert server.request("GET", notice_path(bid["lurl"], "9.0"))[0] == 200
 
 
 def test_health_and_readiness_answer_head_probes(server):
