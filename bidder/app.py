@@ -33,7 +33,7 @@ from bidder.leases import Settings as LeaseSettings
 from bidder.notices import KINDS, NoticeError, NoticeExpired, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
-from models.artifact import ModelHandle
+from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
 
 log = logging.getLogger("bidder.app")

@@ -167,6 +167,8 @@ class BudgetLeases:
                     slot.want = max(slot.want, 2 * cost)
                     slot.cost = cost
                     self.blocked |= 1 << index
+                    if slot.exhausted:  # nothing left to lease: not a pacing pause
+                        self.exhausted |= 1 << index
                     self._wake.set()
                     return False
             for slot in slots:
