@@ -19,8 +19,9 @@ from bidder.notices import WHOLE_UNIT_CURRENCIES, PRICE_TOLERANCE
 
 def rules_of(catalog: Catalog) -> list[BudgetRule]:
     """The campaigns with a budget, lifetime and daily, in USD micros."""
-    return [BudgetRule(i, c.id, total, None) for i, (c, total) in enumerate(
-        zip(catalog.campaigns, catalog.budget_micros)) if total is not None]
+    return [BudgetRule(i, c.id, total, daily, zone) for i, (c, total, daily, zone) in enumerate(
+        zip(catalog.campaigns, catalog.budget_micros, catalog.daily_budget_micros,
+            catalog.zones)) if total is not None or daily is not None]
 
 
 class Budgets:
