@@ -306,9 +306,12 @@ class ReadyResource:
 
 
 class MetricsResource:
+    def __init__(self, models: ModelHandle) -> None:
+        self.models = models
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.data = metrics.render()
+        resp.data = metrics.render(self.models.status)
 
 
 class BadRequest(falcon.HTTPBadRequest):
@@ -387,6 +390,6 @@ def create_app(settings: Settings) -> BidderApp:
     app.add_route("/notice/{kind}", NoticeResource(auction, state))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(auction, models, state))
-    app.add_route("/metrics", MetricsResource())
+    app.add_route("/metrics", MetricsResource(models))
     app.models = models
     return app
