@@ -1,17 +1,14 @@
-"""Log lines: JSON and text formats with pid and slot, faults once per interval with a count;
-against a real server: JSON lines parse, carry slot and pid, and hold no user id or secret."""
+"""Log lines: JSON and text formats with pid and slot, faults once per interval with a count."""
 from __future__ import annotations
 
 import io
 import json
 import logging
 import time
-from urllib.parse import urlsplit
 
 import pytest
 
-from bidder import logs, world
-from tests.conftest import launch_server
+from bidder import logs
 
 
 @pytest.fixture
