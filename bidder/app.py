@@ -31,7 +31,7 @@ from bidder.leases import Clock
 from bidder.leases import Settings as LeaseSettings
 from bidder.ledger import Ledger, LedgerError, Notice, open_ledger
 from bidder.logs import FaultLog
-from bidder.notices import KINDS, NoticeError, NoticeExpired, NoticeSigner
+from bidder.notices import KINDS, NoticeError, NoticeExpired, NoticeSigner, secrets_list
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
@@ -431,7 +431,7 @@ def create_app(settings: Settings) -> BidderApp:
     except (ValueError, OSError) as exc:  # CatalogError, CurrencyError, artifact errors
         raise StartupError(str(exc)) from None
     signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret,
-                          settings.notice_verify_secrets, settings.notice_ttl_s)
+                          secrets_list(settings.notice_verify_secrets), settings.notice_ttl_s)
     try:
         clock = Clock(settings.budget_clock)
     except ValueError as exc:

@@ -52,6 +52,11 @@ def key_id(secret: str) -> str:
     return hashlib.blake2b(secret.encode(), digest_size=4, person=b"bidder-key-id").hexdigest()
 
 
+def secrets_list(text: str) -> tuple[str, ...]:
+    """``--notice-verify-secrets S1,S2`` as a tuple of secrets."""
+    return tuple(part for part in (p.strip() for p in text.split(",")) if part)
+
+
 class NoticeError(ValueError):
     """A notice that cannot be booked; the message says why."""
 

@@ -27,10 +27,6 @@ _HOOKS = hook_settings.BY_NAME
 DEFAULT_NOTICE_SECRET = "change-me"  # public: serve warns when it is still in use
 
 
-def _secrets(text: str) -> tuple[str, ...]:
-    return tuple(part for part in (p.strip() for p in text.split(",")) if part)
-
-
 def _http_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -107,11 +103,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("notice_secret", "--notice-secret", DEFAULT_NOTICE_SECRET,
             "Key that signs win/billing/loss notice URLs (keyed BLAKE2b) so forged notices are "
             "refused; the default is public: set your own in production."),
-    Setting("notice_verify_secrets", "--notice-verify-secrets", (),
+    Setting("notice_verify_secrets", "--notice-verify-secrets", "",
             "More keys accepted when verifying notices, comma-separated: to rotate without "
             "losing a notice, add the new key here on every host, then sign with it "
             "(--notice-secret) and keep the old one here for the notice lifetime.",
-            type=_secrets, metavar="S1,S2"),
+            metavar="S1,S2"),
     Setting("notice_ttl_s", "--notice-ttl-s", 48 * 3600,
             "Notice lifetime, seconds: older notices get 400 and are counted, never booked "
             "(exchanges send billing notices within minutes; 48 h covers their retries and "
