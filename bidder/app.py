@@ -29,7 +29,7 @@ from bidder.ledger import Ledger, Notice
 from bidder.notices import NoticeError, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
-from models.artifact import ModelHandle
+from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
 
 log = logging.getLogger("bidder.app")
@@ -263,7 +263,7 @@ class NoticeResource:
         metrics.NOTICES.labels(kind, "booked" if new else "duplicate").inc()
         if new and kind == "billing" and not notice.test:
             metrics.SPEND_MICROS.labels(notice.campaign).inc(notice.price_micros // 1000)
-            self.auction.refresh_spend(self.state.ledger, time.monotonic(), force=True)
+            self.auction.budgets.refresh(self.state.ledger, time.monotonic(), force=True)
             campaign = self.capped.get(notice.campaign)
             if campaign is not None and notice.user_key:
                 self.state.store.count_impression(frequency_key(campaign.id, notice.user_key),
@@ -372,7 +372,7 @@ def create_app(settings: Settings) -> BidderApp:
     os.register_at_fork(after_in_child=models.start_watcher)
     try:
         state = ProcessState(settings)
-    except ValueError as exc:  # a --memcached address that is not HOST:PORT
+    except ValueError as exc:  # a --memcached address that is neither HOST:PORT nor unix:PATH
         raise StartupError(str(exc)) from None
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"cannot open the ledger {settings.ledger!r} ({exc}): its directory "
