@@ -362,7 +362,7 @@ def create_app(settings: Settings) -> BidderApp:
     os.register_at_fork(after_in_child=models.start_watcher)
     try:
         state = ProcessState(settings)
-    except ValueError as exc:  # a --memcached address that is not HOST:PORT
+    except ValueError as exc:  # a --memcached address that is neither HOST:PORT nor unix:PATH
         raise StartupError(str(exc)) from None
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"cannot open the ledger {settings.ledger!r} ({exc}): its directory "
