@@ -30,8 +30,10 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError, M
 from pymemcache.serde import FLAG_BYTES, FLAG_INTEGER, FLAG_PICKLE
 
 from bidder import metrics
+from bidder.logs import FaultLog
 
 log = logging.getLogger("bidder.featurestore")
+faults = FaultLog(log)
 
 KEY_PREFIX = "u:"
 UNWRITTEN_MAX = 10_000  # billed impressions kept per worker while memcached cannot count them
@@ -80,7 +82,8 @@ class UserFeaturesSerde:
                 return int(value)
             return _DECODER.decode(value)
         except (msgspec.DecodeError, ValueError):
-            log.warning("undecodable value under key %r (flags %d): ignored", key, flags)
+            faults.warning(f"undecodable {flags}", "undecodable value in memcached (flags %d): "
+                           "ignored, the user gets default features", flags)
             return None
 
 
