@@ -1,4 +1,4 @@
-"""The Falcon WSGI app: bid, notices and health on the bid port; readiness and metrics on the admin port.
+"""The Falcon WSGI app: bid, notices and health on the bid port; readiness, metrics on the admin one.
 
 ``create_app(settings)`` runs once in the Gunicorn master (``preload_app``):
 the catalog, the model and the compiled arrays are built before fork and

@@ -1,4 +1,4 @@
-"""Log lines of the server, as text or as JSON lines (``--log-format``), and faults counted per interval.
+"""Log lines as text or JSON (``--log-format``), and faults logged once per interval with a count.
 
 Every line carries the time, level, logger, pid and worker slot (none in the master); JSON
 lines add the event's fields (``extra=``) as keys, so a log pipeline can filter on them. The

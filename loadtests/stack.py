@@ -162,8 +162,9 @@ class Server:
 
     The one launcher of ``bidder serve`` for the harnesses, the demo and the tests: free
     loopback ports for the bid and admin listeners, the pid, log and ledger files in
-    ``workdir``, ready once ``/readyz`` answers 200 on the admin listener (and, with ``settle_s``, the worker set held still that long), stopped with
-    SIGTERM as an operator would.
+    ``workdir``, ready once ``/readyz`` answers 200 on the admin listener (and, with
+    ``settle_s``, the worker set held still that long), stopped with SIGTERM as an operator
+    would.
     """
 
     def __init__(self, serve_args: list[str], memcached: str, workdir: str,

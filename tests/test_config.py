@@ -119,8 +119,8 @@ def test_admin_listener_on_a_taken_or_the_bid_port_is_refused_naming_the_flag():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = bidder("serve", "--bind", f"127.0.0.1:{free_port()}", "--admin-bind", f"127.0.0.1:{port}",
-                      "--memcached", "none")
+        done = bidder("serve", "--bind", f"127.0.0.1:{free_port()}", "--admin-bind",
+                      f"127.0.0.1:{port}", "--memcached", "none")
         assert done.returncode != 0
         assert f"127.0.0.1:{port} is already in use" in done.stderr
         assert "--admin-bind HOST:PORT" in done.stderr
