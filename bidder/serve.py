@@ -50,6 +50,7 @@ def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
         "loglevel": s.log_level,
         "accesslog": "-" if s.access_log else None,
         "logger_class": logs.GunicornLogger,
+        "access_log_format": logs.ACCESS_FORMAT,
         "proc_name": "bidder",
         "control_socket_disable": True,  # one fixed path per user: concurrent servers would collide
         "when_ready": hooks.when_ready,
