@@ -133,7 +133,7 @@ class BudgetLeases:
     def __init__(self, rules: list[BudgetRule], open_ledger: Callable[[], Ledger],
                  clock: Clock | None = None, settings: Settings | None = None,
                  holder: str | None = None) -> None:
-        self.holder = holder or os.urandom(6).hex()
+        self.holder = holder or os.urandom(8).hex()
         self.clock = clock or Clock()
         self.settings = settings or Settings()
         self._open_ledger = open_ledger

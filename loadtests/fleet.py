@@ -375,7 +375,7 @@ def wait_ready(server: stack.Server, timeout_s: float = 60.0) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"bidder serve exited: {server.log_tail()}")
         try:
-            if stack.get(server.url + "/readyz")[0] == 200:
+            if stack.get(server.admin_url + "/readyz")[0] == 200:
                 return
         except OSError:
             pass
