@@ -61,9 +61,9 @@ class ProcessState:
         Ledger(settings.ledger).close()  # fail at start, not on the first billing notice
         self._local = threading.local()
         self._unwritten: deque = deque(maxlen=UNWRITTEN_MAX)  # shared by this process's stores
-        os.register_at_fork(after_in_child=self._forget)
 
-    def _forget(self) -> None:
+    def after_fork(self) -> None:
+        """In a new worker (the ``post_fork`` hook): forget the master's clients and kept counts."""
         self._local = threading.local()
         self._unwritten = deque(maxlen=UNWRITTEN_MAX)
 
@@ -349,9 +349,11 @@ class _MsgspecJSON(falcon.media.BaseHandler):
 
 
 class BidderApp(falcon.App):
-    """The Falcon app, holding its model handle so the master can reload it on SIGHUP."""
+    """The Falcon app, holding what the life cycle hooks of ``bidder/serve.py`` act on: the
+    model handle (reloaded on SIGHUP, watched in each worker) and the per-process state."""
 
     models: ModelHandle
+    state: ProcessState
 
 
 class StartupError(RuntimeError):
@@ -368,8 +370,6 @@ def create_app(settings: Settings) -> BidderApp:
     signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret)
     auction = Auction(catalog, rates, signer)
     auction.scoring_terms(models.current)  # computed before fork, shared by workers
-    # each worker watches the model file from a thread of its own, so no request pays for a load
-    os.register_at_fork(after_in_child=models.start_watcher)
     try:
         state = ProcessState(settings)
     except ValueError as exc:  # a --memcached address that is not HOST:PORT
@@ -389,4 +389,5 @@ def create_app(settings: Settings) -> BidderApp:
     app.add_route("/readyz", ReadyResource(auction, models, state))
     app.add_route("/metrics", MetricsResource())
     app.models = models
+    app.state = state
     return app
