@@ -32,7 +32,7 @@ import sys
 
 from gunicorn.app.base import BaseApplication
 
-from bidder import metrics, metrics_dir
+from bidder import config, metrics, metrics_dir
 from bidder import settings as settings_mod
 from bidder.settings import Settings
 from server_hooks import hooks
@@ -43,11 +43,13 @@ log = logging.getLogger("bidder.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_config_flag(parser)
     settings_mod.add_arguments(parser, "serve")
 
 
 def run(args: argparse.Namespace) -> int:
-    return serve(settings_mod.resolve(args))
+    s, _sources = config.resolve(args)
+    return serve(s)
 
 
 def serve(s: Settings) -> int:
