@@ -4,16 +4,17 @@ cycle, top to bottom, in the order the arbiter runs it.
 Master
   0. ``bidder.cli`` has pointed prometheus_client at a fresh multiprocess directory before
      any module that imports it was imported (``/metrics`` sums every worker's samples).
-  1. ``serve``: the address is checked, ``BidderApplication.run`` starts the arbiter.
+  1. ``serve``: the addresses are checked, logging set up, ``BidderApplication.run`` starts
+     the arbiter (listening on ``--bind`` and the admin listener ``--admin-bind``).
   2. ``BidderApplication.load`` (``preload_app``): ``create_app`` builds the catalog, the
      model and the compiled arrays once; the workers share them copy-on-write.
   3. ``when_ready``: slot -> CPU plan, open-files limit, the preloaded heap frozen.
   4. ``pre_fork``, before each worker: its slot and the shared connection board; the last
      good model, so a respawned worker serves what its siblings serve.
 Worker
-  5. ``post_fork``: pinned to its slot's CPU, its slice set, where it runs published; then
-     the app's per-process state: a metrics tally, memcached clients and ledger connections
-     of its own, a thread that watches the model file.
+  5. ``post_fork``: its slot on its log lines, pinned to its slot's CPU, its slice set,
+     where it runs published; then the app's per-process state: a metrics tally, memcached
+     clients and ledger connections of its own, a thread that watches the model file.
 Master
   6. ``child_exit``: the slot is freed for the replacement, the worker's gauges dropped.
   7. ``on_reload`` (SIGHUP, before the new workers fork): the model is re-read.
@@ -32,13 +33,12 @@ import sys
 
 from gunicorn.app.base import BaseApplication
 
-from bidder import config, metrics, metrics_dir
+from bidder import config, logs, metrics, metrics_dir
 from bidder import settings as settings_mod
 from bidder.settings import Settings
 from server_hooks import hooks
 from server_hooks.pinning import CpuMapError
 
-LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 log = logging.getLogger("bidder.serve")
 
 
@@ -53,15 +53,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(s: Settings) -> int:
-    """1. Check the address, then run the arbiter until it stops (the master returns here)."""
+    """1. Check the addresses, then run the arbiter until it stops (the master returns here)."""
     if not metrics_dir.is_set():  # bidder.cli sets it before prometheus_client loads
         raise RuntimeError(f"{metrics_dir.ENV} is not set: start the server with `bidder serve` "
                            "or `python -m bidder serve`, or /metrics would show one worker")
-    problem = check_bind(s.bind)
+    problem = check_bind(s.bind) or check_bind(s.admin_bind, "--admin-bind")
+    if s.bind.rpartition(":")[2] == s.admin_bind.rpartition(":")[2]:
+        problem = (f"--admin-bind {s.admin_bind} has the port of --bind {s.bind}: the app tells "
+                   "the admin listener by its port, give it another (default 9100)")
     if problem:
         print(f"bidder serve: {problem}", file=sys.stderr)
         return 1
-    logging.basicConfig(level=s.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logs.configure(s.log_format, s.log_level)
     for warning in notice_warnings(s):
         log.warning("%s (fine for a local test)", warning)
     try:
@@ -101,7 +104,7 @@ class BidderApplication(BaseApplication):
 def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
     """Gunicorn settings derived from ours, with the life cycle hooks below."""
     return {
-        "bind": [s.bind],
+        "bind": [s.bind, s.admin_bind],
         "workers": workers,
         "worker_class": s.worker_class,
         "threads": s.threads,
@@ -113,6 +116,8 @@ def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
         "pidfile": s.pid,
         "loglevel": s.log_level,
         "accesslog": "-" if s.access_log else None,
+        "logger_class": logs.GunicornLogger,
+        "access_log_format": logs.ACCESS_FORMAT,
         "proc_name": "bidder",
         "control_socket_disable": True,  # one fixed path per user: concurrent servers would collide
         "when_ready": when_ready,
@@ -144,7 +149,9 @@ def pre_fork(server, worker) -> None:
 
 
 def post_fork(server, worker) -> None:
-    """5. Worker, just after fork: pin, slice, publish; then the app's per-process state."""
+    """5. Worker, just after fork: its slot on every line it logs; pin, slice, publish; then
+    the app's per-process state."""
+    logs.set_worker_slot(getattr(worker, "slot", None))
     hooks.post_fork(server, worker)
     metrics.tally.after_fork()  # the master's pending counts are the master's to write
     app = _bidder_app(server)
@@ -171,11 +178,11 @@ def default_workers(s: Settings) -> int:
     return len(hooks.plan_for(s).order)
 
 
-def check_bind(bind: str) -> str | None:
+def check_bind(bind: str, flag: str = "--bind") -> str | None:
     """Why ``bind`` cannot be listened on, said so a person can act on it (None if it can)."""
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
-        return f"--bind {bind!r}: write it as HOST:PORT, e.g. 127.0.0.1:8080"
+        return f"{flag} {bind!r}: write it as HOST:PORT, e.g. 127.0.0.1:8080"
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -184,7 +191,7 @@ def check_bind(bind: str) -> str | None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return (f"{bind} is already in use by another process: stop it, or choose "
-                        "another address with --bind HOST:PORT")
+                        f"another address with {flag} HOST:PORT")
             return f"cannot listen on {bind}: {exc.strerror}"
     return None
 
