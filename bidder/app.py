@@ -409,9 +409,10 @@ class BidderApp(falcon.App):
     from the listening socket) goes to ``admin`` (``/metrics``, ``/readyz``, ``/healthz``), so
     spend, campaign ids and file paths never answer on the port exchanges call. Holds what the
     life cycle hooks of ``bidder/serve.py`` act on: the model handle (reloaded on SIGHUP,
-    watched in each worker) and the per-process state."""
+    watched in each worker), the per-process state and the budget leases."""
 
     models: ModelHandle
+    budgets: Budgets
     state: ProcessState
     admin: falcon.App
     admin_port: str
@@ -443,8 +444,6 @@ def create_app(settings: Settings) -> BidderApp:
         slice_share=settings.lease_slice, reservation_ttl_s=settings.reservation_ttl_s,
         lease_ttl_s=settings.lease_ttl_s, catchup_s=settings.pacing_catchup_s))
     auction = Auction(catalog, rates, signer, budgets)
-    # each worker leases its budget slices as it starts, before its first bid
-    os.register_at_fork(after_in_child=budgets.start)
     auction.scoring_terms(models.current)  # computed before fork, shared by workers
     try:
         state = ProcessState(settings)
@@ -470,6 +469,7 @@ def create_app(settings: Settings) -> BidderApp:
     app.add_route("/healthz", HealthResource())
     app.models = models
     app.state = state
+    app.budgets = budgets
     app.admin = admin = falcon.App(media_type=falcon.MEDIA_JSON)
     admin.resp_options.media_handlers = app.resp_options.media_handlers
     admin.set_error_serializer(_error_serializer)

@@ -7,7 +7,6 @@ part (``BudgetLeases``, its holder id and thread) is made in each worker on firs
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from bidder.catalog import Bits, Catalog
@@ -38,10 +37,12 @@ class Budgets:
         self.reservation_ttl_s = self._settings.reservation_ttl_s
         self._all: Bits = (1 << len(catalog.campaigns)) - 1
         self._leases: BudgetLeases | None = None
-        os.register_at_fork(after_in_child=self._forget)
 
-    def _forget(self) -> None:
-        self._leases = None  # the parent's holder, reservations and thread are not ours
+    def after_fork(self) -> None:
+        """In a new worker (the ``post_fork`` hook): a holder of its own, its leases refilled
+        from the start, before its first bid (the parent's reservations are not ours)."""
+        self._leases = None
+        self.start()
 
     @property
     def leases(self) -> BudgetLeases:

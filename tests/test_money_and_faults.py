@@ -90,7 +90,7 @@ def test_budget_reserved_at_bid_time_stops_the_campaign_before_its_bill(start_se
     """The budget (3 USD) holds one impression at this campaign's price (~2.5 USD each): the
     bid reserves it, so the next bid is refused at once, before any billing notice."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
-    for _ in range(5):  # the first slice (1 % of the budget) is under one impression's cost:
+    for _ in range(25):  # the first slice (1 % of the budget) is under one impression's cost:
         status, headers, body = server.bid(site_request(country="CAN"))  # the refill then
         if status == 200:  # leases what the bid needed
             break

@@ -106,7 +106,7 @@ def test_a_loss_notice_releases_the_reservation_at_once(start_server, memcached)
     """Budget 3 USD, ~2.5 USD an impression: one bid in flight holds it; its loss notice gives
     it back, so the campaign bids again; a second loss notice is a duplicate."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
-    for _ in range(5):  # the first slice is under one impression: the refill asks for more
+    for _ in range(25):  # the first slice is under one impression: the refill asks for more
         status, headers, body = server.bid(site_request(country="CAN"))
         if status == 200:
             break
