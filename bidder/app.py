@@ -115,9 +115,11 @@ class BidResource:
     def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
         body = self._read_body(req)
         try:
-            request = decode_request(body)
+            request, lenient = decode_request(body)
         except (msgspec.DecodeError, InvalidRequest) as exc:
             raise BadRequest(f"invalid OpenRTB 2.6 BidRequest: {exc}")
+        if lenient:
+            metrics.tally.inc(metrics.LENIENT)
         tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
         deadline = arrived + tmax_s - min(self.margin_s, tmax_s / 2)
         try:
