@@ -265,7 +265,7 @@ class NoticeResource:
         metrics.NOTICES.labels(kind, "booked" if new else "duplicate").inc()
         if new and kind == "billing" and not notice.test:
             metrics.SPEND_MICROS.labels(notice.campaign).inc(notice.price_micros // 1000)
-            self.auction.refresh_spend(self.state.ledger, time.monotonic(), force=True)
+            self.auction.budgets.refresh(self.state.ledger, time.monotonic(), force=True)
             campaign = self.capped.get(notice.campaign)
             if campaign is not None and notice.user_key:
                 self.state.store.count_impression(frequency_key(campaign.id, notice.user_key),

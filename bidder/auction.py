@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bidder.catalog import Bits, Candidates, Catalog
+from bidder.budget import Budgets
+from bidder.catalog import Bits, Campaign, Candidates, Catalog
 from bidder.currency import Rates
 from bidder.domains import domain_and_parents, host_of
 from bidder.featurestore import FeatureStore, frequency_key, user_key
@@ -27,7 +28,6 @@ from bidder.world import inventory_key
 from models import features as F
 
 FIRST_PRICE_SHADE = 0.85  # first-price auctions (at=1): bid this share of the expected value
-SPEND_REFRESH_S = 0.25  # how stale another worker's billing may be when a budget is checked
 # No-bid reasons of one imp, from the one closest to a bid.
 IMP_REASON_RANK = ("below_floor", "no_creative_fits", "no_deal_in_private_auction",
                    "floor_currency_unknown", "no_banner_size", "no_banner_imp")
@@ -80,6 +80,53 @@ class ImpPlan:
         return self.candidates.campaigns
 
 
+@dataclass
+class FrequencyCaps:
+    """This user's frequency caps during one request: the campaigns no cap stops yet, and the
+    impressions each capped campaign may still bid for."""
+
+    uncapped: Bits
+    allowance: dict[int, int]  # capped campaign index -> impressions it may still bid for
+
+    @classmethod
+    def of(cls, capped: list[tuple[int, Campaign, str]], counters: dict[str, int | None] | None,
+           campaigns: Bits) -> FrequencyCaps:
+        """``campaigns`` less the ``capped`` ones (index, campaign, counter key) whose count
+        reached the cap; an unknown count (no user id, store down) never breaks a cap."""
+        uncapped = campaigns
+        allowance: dict[int, int] = {}
+        for i, c, key in capped:
+            count = None if counters is None else counters.get(key, 0)
+            left = 0 if count is None else c.frequency_cap.impressions - count
+            if left > 0:
+                allowance[i] = left
+            else:
+                uncapped &= ~(1 << i)
+        return cls(uncapped, allowance)
+
+    def count(self, campaign: int) -> None:
+        """A bid of campaign index ``campaign``: the imps of one request count against a cap."""
+        left = self.allowance.get(campaign)
+        if left is None:
+            return
+        if left > 1:
+            self.allowance[campaign] = left - 1
+        else:
+            del self.allowance[campaign]
+            self.uncapped &= ~(1 << campaign)
+
+
+def user_keys(r: BidRequest) -> list[str]:
+    """The feature-store keys of the user's ids (buyeruid, user.id, device.ifa), most
+    specific first; none when the privacy signals forbid using personal data."""
+    if not personal_data_allowed(r):  # no look-up, no profile, no frequency counts
+        return []
+    ids = [i for i in ((r.user.buyeruid, r.user.id) if r.user else ()) if i]
+    if r.device is not None and r.device.ifa:
+        ids.append(r.device.ifa)
+    return [user_key(i) for i in ids]
+
+
 def closest_reason(outcomes: list) -> NoBid:
     """The no-bid of the imp that came closest to a bid, speaking for the whole request."""
     return NoBid(min((o.reason for o in outcomes if isinstance(o, NoBid)),
@@ -95,10 +142,8 @@ class Auction:
         self.signer = signer
         self._cand_features: dict[int, np.ndarray] = {}
         self._terms: tuple[object, tuple[np.ndarray, ...]] | None = None  # (model, its terms)
-        self._exhausted: Bits = 0
-        self._spend_checked = 0.0
+        self.budgets = Budgets(catalog)
         self._capped = [(i, catalog.campaigns[i]) for i in catalog.capped]
-        self._has_budgets = any(b is not None for b in catalog.budget_micros)
 
     def candidate_features(self, hash_bits: int) -> np.ndarray:
         """(candidates, 3) feature indices, hashed once per model hash size."""
@@ -115,17 +160,6 @@ class Auction:
         if self._terms is None or self._terms[0] is not model:
             self._terms = (model, model.candidate_terms(self.candidate_features(model.hash_bits)))
         return self._terms[1]
-
-    def refresh_spend(self, ledger: Ledger, now: float, force: bool = False) -> None:
-        """Stop campaigns whose billed spend reached their budget: read every SPEND_REFRESH_S,
-        and at once (``force``) by the worker that books a billing notice."""
-        if not self._has_budgets or (not force and now - self._spend_checked < SPEND_REFRESH_S):
-            return
-        self._spend_checked = now
-        spend = ledger.spend()
-        cat = self.catalog
-        self._exhausted = sum(1 << i for i, (c, b) in enumerate(zip(cat.campaigns, cat.budget_micros))
-                              if b is not None and spend.get(c.id, 0) >= b)
 
     def response_currency(self, request: BidRequest) -> str | None:
         if not request.cur or "USD" in request.cur:
@@ -168,24 +202,25 @@ class Auction:
         bits &= ~cat.any_of(cat.by_seat, r.bseat)
         if not bits:
             return NoBid("seat_not_allowed")
-        bits &= ~self._exhausted
+        bits &= self.budgets.spendable
         if not bits:
             return NoBid("budget_exhausted")
         return bits
 
     def bid(self, r: BidRequest, store: FeatureStore, ledger: Ledger, model,
             deadline: float) -> BidResponse | NoBid:
+        """Decide the bids on ``r`` by ``deadline``: campaign eligibility, imp plans, one
+        memcached round trip (user features and frequency counts), then imp by imp bidding."""
         now = time.monotonic()
         if now >= deadline:  # queued past its deadline (an overloaded worker): shed at once
             return NoBid("deadline")
-        self.refresh_spend(ledger, now)
+        self.budgets.refresh(ledger, now)
         currency = self.response_currency(r)
         if currency is None:
             return NoBid("currency_not_supported")
         campaigns = self.eligible_campaigns(r)
         if isinstance(campaigns, NoBid):
             return campaigns
-
         plans = self.plan_imps(r, campaigns)  # imp checks first: they need no round trip
         bidding: Bits = 0  # the campaigns some imp could be bid with: only their counts matter
         for p in plans:
@@ -194,39 +229,32 @@ class Auction:
         if not bidding:
             return closest_reason(plans)
 
-        ids = [i for i in ((r.user.buyeruid, r.user.id) if r.user else ()) if i]
-        if r.device is not None and r.device.ifa:
-            ids.append(r.device.ifa)
-        if not personal_data_allowed(r):  # no look-up, no profile, no frequency counts
-            ids = []
-        keys = [user_key(i) for i in ids]
+        keys = user_keys(r)
         identity = keys[0] if keys else ""
         capped = [(i, c, frequency_key(c.id, identity)) for i, c in self._capped
                   if bidding >> i & 1]
         user, counters = store.lookup(keys, [k for _, _, k in capped] if identity else [],
                                       deadline - now)
-        uncapped = campaigns
-        allowance: dict[int, int] = {}  # capped campaign -> impressions it may still bid for
-        for i, c, key in capped:  # unknown counts (no user id, store down) never break a cap
-            count = None if counters is None else counters.get(key, 0)
-            left = 0 if count is None else c.frequency_cap.impressions - count
-            if left > 0:
-                allowance[i] = left
-            else:
-                uncapped &= ~(1 << i)
-        if not uncapped & bidding:  # every campaign that could bid is capped
+        caps = FrequencyCaps.of(capped, counters, campaigns)
+        if not caps.uncapped & bidding:  # every campaign that could bid is capped
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
-        if uncapped != campaigns:  # plan again the imps a capped campaign could have taken
-            plans = self.replan(plans, uncapped, r.at)
+        return self.bid_imps(r, plans, caps, user.segments, model, currency, identity, deadline)
 
+    def bid_imps(self, r: BidRequest, plans: list[ImpPlan | NoBid], caps: FrequencyCaps,
+                 segments: list, model, currency: str, identity: str,
+                 deadline: float) -> BidResponse | NoBid:
+        """Bid imp by imp; an imp a capped campaign could have taken is planned again without
+        it (a cap reached by this request's earlier imps counts too)."""
         shared = model.shared_terms(
-            F.shared_indices(self.request_fields(r), user.segments, model.hash_bits))
+            F.shared_indices(self.request_fields(r), segments, model.hash_bits))
         terms = self.scoring_terms(model)
         seats: dict[str, list[Bid]] = {}
         outcomes: list[NoBid] = []
-        for n, plan in enumerate(plans):
+        for plan in plans:
             if time.monotonic() >= deadline:
                 return NoBid("deadline")
+            if isinstance(plan, ImpPlan) and plan.campaigns & ~caps.uncapped:
+                plan = self.plan_imp(plan.imp, caps.uncapped, r.at)
             bid = plan if isinstance(plan, NoBid) else self.bid_imp(
                 r, plan, shared, terms, model, currency, identity)
             if isinstance(bid, NoBid):
@@ -234,12 +262,7 @@ class Auction:
                 continue
             seat, b = bid
             seats.setdefault(seat, []).append(b)
-            i = self.catalog.index[b.cid]
-            if i in allowance:  # the imps of one request count against a cap as well
-                allowance[i] -= 1
-                if not allowance[i]:
-                    uncapped &= ~(1 << i)
-                    plans[n + 1:] = self.replan(plans[n + 1:], uncapped, r.at)
+            caps.count(self.catalog.index[b.cid])
         if not seats:  # the imp that came closest to a bid speaks for the request
             return closest_reason(outcomes)
         if time.monotonic() >= deadline:
@@ -265,12 +288,6 @@ class Auction:
 
     def plan_imps(self, r: BidRequest, campaigns: Bits) -> list[ImpPlan | NoBid]:
         return [self.plan_imp(imp, campaigns, r.at) for imp in r.imp]
-
-    def replan(self, plans: list[ImpPlan | NoBid], campaigns: Bits,
-               auction_type: int) -> list[ImpPlan | NoBid]:
-        """``plans`` with fewer ``campaigns``: only the imps they were in are planned again."""
-        return [self.plan_imp(p.imp, campaigns, auction_type)
-                if isinstance(p, ImpPlan) and p.campaigns & ~campaigns else p for p in plans]
 
     def plan_imp(self, imp: Imp, campaigns: Bits, auction_type: int) -> ImpPlan | NoBid:
         """The candidates that may bid on ``imp`` and the deal each campaign would bid through:

@@ -90,7 +90,7 @@ def test_budget_stops_a_campaign_once_billed_spend_reaches_it(start_server, memc
     assert bid["cid"] == "budgeted"
     assert server.request("GET", notice_path(bid["burl"], f"{bid['price']:.6f}"))[0] == 200
     # the worker that booked the billing stops the campaign at once (review 3, R5: it used to
-    # keep bidding for up to a second of spend); others within SPEND_REFRESH_S
+    # keep bidding for up to a second of spend); others within budget.REFRESH_S
     status, headers, _ = server.bid(site_request(country="CAN"))
     assert status == 204 and headers["x-nobid-reason"] == "budget_exhausted"
     assert server.bid(site_request(country="JPN"))[0] == 200  # other campaigns keep bidding
