@@ -29,7 +29,7 @@ from bidder.ledger import Ledger, Notice
 from bidder.notices import NoticeError, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
-from models.artifact import ModelHandle
+from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
 
 log = logging.getLogger("bidder.app")

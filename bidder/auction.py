@@ -24,8 +24,8 @@ from bidder.ledger import Ledger
 from bidder.notices import NoticeSigner
 from bidder.openrtb import Bid, BidRequest, BidResponse, Deal, Imp, SeatBid
 from bidder.privacy import personal_data_allowed
-from bidder.world import inventory_key
 from models import features as F
+from models.world import inventory_key
 
 FIRST_PRICE_SHADE = 0.85  # first-price auctions (at=1): bid this share of the expected value
 # No-bid reasons of one imp, from the one closest to a bid.

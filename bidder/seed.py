@@ -7,10 +7,10 @@ import time
 
 from pymemcache.client.hash import HashClient
 
-from bidder import world
 from bidder.featurestore import (Crc32Rendezvous, UserFeatures, UserFeaturesSerde, parse_servers,
                                  user_key)
 from bidder.settings import number
+from models import world
 
 BATCH = 1000
 

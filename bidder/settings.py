@@ -4,62 +4,27 @@ Modelled on ``gunicorn/config.py``: a setting is a small declaration, the
 argument parser and the environment lookup are generated from the list, and
 the resolved values travel as one ``Settings`` namespace to the app, the
 Gunicorn hooks and the workers. Precedence: command line > environment > default.
+
+The settings the hooks and the worker read (pinning, slices, offloaded paths,
+the body limit) are declared in ``server_hooks/settings.py`` with the
+declaration machinery; this list composes them, in their place, with the bid
+server's own.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-ENV_PREFIX = "BIDDER_"
-SERVE_COMMANDS = ("serve", "demo", "ab")
+from server_hooks import settings as hook_settings
+from server_hooks.settings import (ENV_PREFIX, SERVE_COMMANDS, Setting, Settings, boolean, number,
+                                   optional_positive)
+
+__all__ = ["ENV_PREFIX", "SERVE_COMMANDS", "SETTINGS", "BY_NAME", "Setting", "Settings",
+           "add_arguments", "boolean", "number", "optional_positive", "resolve"]
+
+_HOOKS = hook_settings.BY_NAME
 DEFAULT_NOTICE_SECRET = "change-me"  # public: serve warns when it is still in use
-
-
-def _bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false, on/off), got {text!r}")
-
-
-def number(kind: type, minimum: float, exclusive: bool = False,
-           maximum: float = math.inf) -> Callable[[str], Any]:
-    """A parser of finite ``kind`` values at least (or, ``exclusive``, more than) ``minimum``
-    and at most ``maximum``: a value that would make every request fail (a zero timeout, a
-    negative body limit) stops the start with the flag named, rather than running."""
-    bound = f"more than {minimum:g}" if exclusive else f"at least {minimum:g}"
-    if maximum != math.inf:
-        bound += f" and at most {maximum:g}"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not (value > minimum if exclusive else value >= minimum) or not value <= maximum \
-                or value == math.inf:
-            raise argparse.ArgumentTypeError(
-                f"must be {bound}{' and finite' if kind is float else ''}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _optional_positive(text: str) -> float | None:
-    if text.strip().lower() in ("", "none", "off"):
-        return None
-    return number(float, 0.0, exclusive=True)(text)
 
 
 def _http_url(text: str) -> str:
@@ -68,22 +33,6 @@ def _http_url(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL with a host, got "
                                          f"{text!r} (e.g. https://bidder.example.com)")
     return text
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    flag: str
-    default: Any
-    doc: str
-    type: Callable[[str], Any] = str
-    boolean: bool = False  # a --x / --no-x pair
-    commands: tuple[str, ...] = SERVE_COMMANDS
-    metavar: str | None = None
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -100,11 +49,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", "--threads", 1, "Request threads per worker. The bid path is CPU-bound "
             "and holds the GIL, so 1 keeps one request per pinned core; keep-alive connections "
             "wait in the worker's poller, not in a thread.", type=number(int, 1)),
-    Setting("offload_paths", "--offload-paths", "/notice/",
-            "Path prefixes (comma-separated) whose requests go to the worker's thread pool "
-            "instead of being handled inline with --threads 1: win and billing notices write "
-            "the SQLite ledger (fsync, lock waits), which must not hold up bids. Empty: none.",
-            metavar="PREFIX,..."),
+    _HOOKS["offload_paths"],
     Setting("keepalive", "--keepalive", 30, "Seconds an idle keep-alive connection is held open.",
             type=number(int, 0)),
     Setting("worker_connections", "--worker-connections", 1000,
@@ -118,7 +63,7 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="MODULE:CALLABLE"),
     Setting("log_level", "--log-level", "info", "Log level: debug, info, warning, error."),
     Setting("access_log", "--access-log", False, "Log every request (costs CPU on the bid path).",
-            type=_bool, boolean=True),
+            type=boolean, boolean=True),
     # --- data -----------------------------------------------------------------------------------
     Setting("memcached", "--memcached", "127.0.0.1:11211",
             "Feature store servers, HOST:PORT[,HOST:PORT...]; several are sharded by rendezvous "
@@ -155,71 +100,25 @@ SETTINGS: tuple[Setting, ...] = (
             "Key that signs win/billing notice URLs (keyed BLAKE2b) so forged notices are "
             "refused; the default is public: set your own in production."),
     # --- bid path -------------------------------------------------------------------------------
-    Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
-            "Largest request body accepted (after gzip decoding); larger gets 413.",
-            type=number(int, 1)),
+    _HOOKS["max_body_bytes"],
     Setting("default_tmax_ms", "--default-tmax-ms", 50, "Deadline when a request has no tmax, ms.",
             type=number(int, 1)),
     Setting("safety_margin_ms", "--safety-margin-ms", 10,
             "Part of tmax kept for the network and the exchange; the bidder answers 204 once "
             "tmax - margin has passed since the request arrived.", type=number(int, 0)),
     # --- pinning and scheduling (server_hooks) --------------------------------------------------
-    Setting("pin", "--pin", True, "Pin each worker to its own CPU right after fork.",
-            type=_bool, boolean=True),
-    Setting("cpu_map", "--cpu-map", None,
-            "Explicit slot->CPU map, '0=2,1=3' or a list '2,3' (slot i gets the i-th CPU).",
-            metavar="MAP"),
-    Setting("reserve_cpus", "--reserve-cpus", "", "CPUs left free for other processes "
-            "(memcached, load generator, sshd), e.g. '0' or '0,1'. Pinning avoids them.",
-            metavar="CPUS"),
-    Setting("slice_ms", "--slice-ms", None, "Per-worker EEVDF slice in ms (Linux >= 6.12, "
-            "sched_setattr sched_runtime; clamped by the kernel to 0.1-100). 'off' leaves the "
-            "kernel default.", type=_optional_positive, metavar="MS"),
+    _HOOKS["pin"], _HOOKS["cpu_map"], _HOOKS["reserve_cpus"], _HOOKS["slice_ms"],
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
-@dataclass
-class Settings:
-    """Resolved values, attribute per setting name."""
-    values: dict[str, Any] = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add the flags of every setting that applies to ``command``."""
-    group = parser.add_argument_group("server settings (each also read from BIDDER_<NAME>)")
-    for s in SETTINGS:
-        if command not in s.commands:
-            continue
-        help_text = f"{s.doc} [env {s.env}; default {s.default!r}]"
-        if s.boolean:
-            group.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)
-        else:
-            group.add_argument(s.flag, dest=s.name, type=s.type, default=None,
-                               metavar=s.metavar, help=help_text)
+    hook_settings.add_arguments(parser, command, SETTINGS)
 
 
 def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None,
             **overrides: Any) -> Settings:
     """Command line (``args``) > environment > defaults, then ``overrides``."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for s in SETTINGS:
-        value = getattr(args, s.name, None) if args is not None else None
-        if value is None and s.env in environ:
-            raw = environ[s.env]
-            try:
-                value = _bool(raw) if s.boolean else s.type(raw)
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise SystemExit(f"bidder: {s.env}={raw!r} is not valid for {s.flag}: {exc}")
-        values[s.name] = s.default if value is None else value
-    values.update(overrides)
-    return Settings(values)
+    return hook_settings.resolve(args, environ, SETTINGS, **overrides)

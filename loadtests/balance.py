@@ -24,16 +24,14 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bidder.memcached_proc import stop_process
+from loadtests.stack import Server
 
 BALANCED = "server_hooks.worker.BalancedThreadWorker"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -50,45 +48,10 @@ def app(environ, start_response):
     return [body]
 
 
-def worker_pids(master: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{master}/task/{master}/children").read_text()
-    except OSError:
-        return []
-    return [int(pid) for pid in text.split()]
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, master: subprocess.Popen, workers: int, timeout: float = 20.0,
-               ) -> list[int]:
-    """Block until the master has ``workers`` children and the port answers; their pids."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if master.poll() is not None:
-            raise RuntimeError(f"server exited with {master.returncode} before it was ready")
-        pids = worker_pids(master.pid)
-        if len(pids) == workers:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/", headers={"Connection": "close"})
-                conn.getresponse().read()
-                conn.close()
-                return pids
-            except OSError:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError(f"server not ready on port {port} after {timeout:.0f} s")
 
 
 def hello_request(conn: http.client.HTTPConnection) -> tuple[http.client.HTTPResponse, int]:
@@ -176,23 +139,20 @@ def drive(port: int, connections: int, seconds: float, rate: float, send=hello_r
 
 def one_start(args: argparse.Namespace, worker_class: str) -> dict[str, object]:
     """Boot a fresh server, load it, measure each worker's CPU time, stop it."""
-    port = free_port()
     workdir = tempfile.mkdtemp(prefix="bidder-balance-")
-    command = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
-               *(() if args.bid else ("--app", "loadtests.balance:app")), "--memcached", "none",
-               "--ledger", os.path.join(workdir, "ledger.sqlite3"),
-               "--workers", str(args.workers), "--worker-class", worker_class,
-               "--pin" if args.pin else "--no-pin", "--log-level", "warning"]
-    master = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server(["--workers", str(args.workers), "--worker-class", worker_class,
+                     "--pin" if args.pin else "--no-pin", "--log-level", "warning"], "none",
+                    workdir, app=None if args.bid else "loadtests.balance:app")
     try:
-        pids = wait_ready(port, master, args.workers)
+        server.start(timeout_s=20, settle_s=0, workers=args.workers)
+        pids = server.workers()
         time.sleep(args.settle)
         before = {pid: cpu_seconds(pid) for pid in pids}
-        load = drive(port, args.connections, args.seconds, args.rate,
-                      bid_requester() if args.bid else hello_request)
+        load = drive(server.port, args.connections, args.seconds, args.rate,
+                     bid_requester() if args.bid else hello_request)
         used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
     finally:
-        stop_process(master)
+        server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     ratio = min(used.values()) / max(used.values()) if max(used.values()) > 0 else 0.0
     return {"cpu_s": {str(pid): round(t, 3) for pid, t in used.items()},

@@ -158,12 +158,20 @@ def get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
 
 
 class Server:
-    """``bidder serve`` (or another WSGI app through it) as a subprocess with a pid file."""
+    """``bidder serve`` (or another WSGI app through it) as a subprocess with a pid file.
+
+    The one launcher of ``bidder serve`` for the harnesses, the demo and the tests: a free
+    loopback port, the pid, log and ledger files in ``workdir``, ready once ``/readyz``
+    answers 200 (and, with ``settle_s``, the worker set held still that long), stopped with
+    SIGTERM as an operator would.
+    """
 
     def __init__(self, serve_args: list[str], memcached: str, workdir: str,
-                 cpus: str | None = None, app: str | None = None) -> None:
+                 cpus: str | None = None, app: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
         self.pidfile = os.path.join(workdir, f"server-{self.port}.pid")
         self.logfile = os.path.join(workdir, f"server-{self.port}.log")
         self.ledger = os.path.join(workdir, f"server-{self.port}.ledger.sqlite3")
@@ -171,10 +179,11 @@ class Server:
         self.memcached = memcached
         self.cpus = cpus
         self.app = app
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{self.port}",
+        argv = [sys.executable, "-m", "bidder", "serve", "--bind", f"127.0.0.1:{self.port}",
                 "--pid", self.pidfile, "--memcached", self.memcached, *self.serve_args]
         if self.app:
             argv += ["--app", self.app]
@@ -182,13 +191,22 @@ class Server:
             argv += ["--ledger", self.ledger]
         return (["taskset", "-c", self.cpus] if self.cpus else []) + argv
 
-    def start(self, timeout_s: float = 60.0) -> "Server":
+    def launch(self) -> "Server":
+        """Start the process; do not wait for it (``start`` does)."""
         with open(self.logfile, "ab") as logf:
             self.process = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            env={**os.environ, **self.env} if self.env else None)
+        return self
+
+    def start(self, timeout_s: float = 60.0, settle_s: float = 0.5,
+              workers: int = 1) -> "Server":
+        """Launch and wait until ready: ``/readyz`` answers 200, at least ``workers`` workers
+        run and the worker set has not changed for ``settle_s`` (0: as soon as it answers)."""
+        self.launch()
         deadline = time.monotonic() + timeout_s
         seen: list[int] = []
-        stable = 0  # ready once /readyz answers 200 and the worker set held still for 0.5 s
+        steady_since = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: "
@@ -197,12 +215,16 @@ class Server:
                 status, _ = get(self.url + "/readyz")
             except OSError:
                 status = 0
-            workers = self.workers()
-            stable = stable + 1 if status == 200 and workers and workers == seen else 0
-            seen = workers
-            if stable >= 5:
-                return self
-            time.sleep(0.1)
+            running = self.workers()
+            now = time.monotonic()
+            if status == 200 and len(running) >= workers and (running == seen or not settle_s):
+                steady_since = now if steady_since is None else steady_since
+                if now - steady_since >= settle_s:
+                    return self
+            else:
+                steady_since = None
+            seen = running
+            time.sleep(0.1 if settle_s else 0.05)
         self.stop()
         raise TimeoutError(f"server not ready after {timeout_s:.0f} s: {shlex.join(self.argv())}\n"
                            f"{self.log_tail()}")

@@ -3,7 +3,7 @@
 The load generators (the Locust file, the open-loop client, ``bidder demo``)
 send pre-built bodies so that building JSON never becomes the bottleneck of a
 load test. The traffic speaks about the same sites, apps, countries and users
-as the seeded feature store and the trained model (``bidder.world``): a share
+as the seeded feature store and the trained model (``models.world``): a share
 of requests name users that exist in memcached, some name users that do not,
 some name nobody. Every proportion is a field of ``Mix`` and can be given on a
 command line as ``app=0.4,gzip=0.1,...`` (``Mix.parse``).
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from bidder import world
+from models import world
 
 CONTENT_TYPE = "application/json"
 OPENRTB_VERSION = "2.6"

@@ -1,7 +1,5 @@
-"""Offline metrics of click predictions: AUC, log loss, calibration, and a reliability diagram."""
+"""Offline metrics of click predictions: AUC, log loss, calibration, reliability bins."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
@@ -50,26 +48,3 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = 20) -> tuple[np.n
     obs = np.array([y[g].mean() for g in groups])
     count = np.array([len(g) for g in groups])
     return pred, obs, count
-
-
-def plot_reliability(path: str | Path, y: np.ndarray, curves: dict[str, np.ndarray], title: str) -> None:
-    """Write a reliability diagram (observed vs predicted CTR per quantile bin) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    top = 0.0
-    for label, p in curves.items():
-        pred, obs, _ = reliability_bins(y, p)
-        ax.plot(pred, obs, marker="o", ms=3, label=f"{label} (pred/obs {calibration(y, p):.3f})")
-        top = max(top, pred.max(), obs.max())
-    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="perfect")
-    ax.set_xlabel("mean predicted CTR (20 quantile bins)")
-    ax.set_ylabel("observed CTR")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

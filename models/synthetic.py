@@ -1,6 +1,6 @@
 """Synthetic impression logs with a known ground-truth click model.
 
-Impressions are drawn from the shared world (``bidder.world``: inventory,
+Impressions are drawn from the shared world (``models.world``: inventory,
 device types, OSes, countries, hours, users and their segments) and the
 bundled campaign catalog (``bidder/data/campaigns.json``: a campaign is shown
 only where its targeting allows, with one of its creatives). The click
@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bidder import world
+from models import world
 from models.features import (CANDIDATE_FIELDS, FORMATS, REQUEST_FIELDS, SEGMENT_FIELD,
                              feature_index, size_key)
 from models.logs import PAD, Impressions, assemble, write_tsv
 
-CATALOG = Path(world.__file__).with_name("data") / "campaigns.json"
+# the bundled catalog of the sibling bidder package (a data file, not an import)
+CATALOG = Path(__file__).resolve().parent.parent / "bidder" / "data" / "campaigns.json"
 DEFAULT_USERS = 20_000
 DEFAULT_BASE_CTR = 0.01
 DEFAULT_INTERACTION = 0.15

@@ -17,9 +17,9 @@ import gc
 import os
 import resource
 
-from bidder.settings import Settings, resolve
 from server_hooks import metrics, sched
 from server_hooks.pinning import CpuMapError, CpuPlan, pin, plan_cpus
+from server_hooks.settings import Settings, resolve
 from server_hooks.slots import SlotTable
 from server_hooks.topology import Topology, format_cpulist
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 
-from bidder.memcached_proc import EmbeddedMemcached, free_port, stop_process
+from bidder.memcached_proc import EmbeddedMemcached
 from bidder.metrics import FLUSH_S
 from bidder.seed import seed_users
+from loadtests import stack
 
 SEEDED_USERS = 2000
 
@@ -26,26 +24,11 @@ def memcached() -> Iterator[EmbeddedMemcached]:
         yield mc
 
 
-@dataclass
-class Server:
-    """A running ``bidder serve``: its port, process and helpers to talk HTTP to it."""
-
-    port: int
-    process: subprocess.Popen
-    pidfile: str
-    workdir: str
-    log_path: str
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def master_pid(self) -> int:
-        with open(self.pidfile) as fh:
-            return int(fh.read().strip())
+class Server(stack.Server):
+    """A running ``bidder serve`` (the harnesses' launcher) with helpers to talk HTTP to it."""
 
     def worker_pids(self) -> list[int]:
-        children = f"/proc/{self.master_pid}/task/{self.master_pid}/children"
-        with open(children) as fh:
-            return [int(p) for p in fh.read().split()]
+        return self.workers()
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None,
@@ -73,50 +56,18 @@ class Server:
         return body.decode()
 
     def log(self) -> str:
-        with open(self.log_path, errors="replace") as fh:
+        with open(self.logfile, errors="replace") as fh:
             return fh.read()
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-
-def wait_ready(server: Server, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"bidder serve exited ({server.process.returncode}):\n"
-                               + server.log())
-        try:
-            status, _, _ = server.request("GET", "/readyz", timeout=1)
-            if status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("bidder serve not ready:\n" + server.log())
 
 
 def launch_server(workdir, *args: str, memcached: str = "none", ready: bool = True,
                   env: dict[str, str] | None = None) -> Server:
-    """Start ``bidder serve`` with ``args`` on a free port, its files in ``workdir``."""
+    """Start ``bidder serve`` with ``args`` on a free port, its files (and its ledger,
+    ``ledger.sqlite3``) in ``workdir``; ready (``/readyz`` 200) unless ``ready`` is false."""
     os.makedirs(workdir, exist_ok=True)
-    port = free_port()
-    pidfile = os.path.join(workdir, "master.pid")
-    log_path = os.path.join(workdir, "server.log")
-    cmd = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}",
-           "--pid", pidfile, "--memcached", memcached,
-           "--ledger", os.path.join(workdir, "ledger.sqlite3"), *args]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
-    server = Server(port, process, pidfile, str(workdir), log_path)
-    if ready:
-        try:
-            wait_ready(server)
-        except Exception:
-            server.stop()
-            raise
-    return server
+    server = Server(["--ledger", os.path.join(workdir, "ledger.sqlite3"), *args], memcached,
+                    str(workdir), env=env)
+    return server.start(settle_s=0) if ready else server.launch()
 
 
 @pytest.fixture

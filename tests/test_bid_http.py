@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bidder import world
+from models import world
 from tests.conftest import launch_server
 
 CATALOG = os.path.join(os.path.dirname(__file__), "data", "campaigns.json")

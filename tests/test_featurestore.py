@@ -5,10 +5,10 @@ import signal
 import time
 from collections import deque
 
-from bidder import world
 from bidder.featurestore import FeatureStore, UserFeatures, frequency_key, parse_servers, user_key
 from bidder.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
+from models import world
 from tests.fakes import GarbageServer
 
 import pytest

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bidder import world
 from loadtests import traffic
+from models import world
 
 N = 3000
 

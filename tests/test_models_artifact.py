@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from bidder.model_handle import BUNDLED
 from models import artifact, synthetic
 from models.artifact import ArtifactError
 from models.fm import FactorizationMachine
@@ -106,6 +107,6 @@ def test_mismatched_metadata_is_refused(saved, tmp_path, change, message):
 
 
 def test_bundled_artifact_loads_and_is_small():
-    model = artifact.load(artifact.BUNDLED)
-    assert artifact.BUNDLED.stat().st_size < 5 * 1024 * 1024
+    model = artifact.load(BUNDLED)
+    assert BUNDLED.stat().st_size < 5 * 1024 * 1024
     assert model.metrics["auc"] > 0.65

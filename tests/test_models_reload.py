@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from bidder import model_handle
+from bidder.model_handle import ModelHandle
 from models import artifact, features, synthetic
-from models.artifact import ModelHandle
 from models.lr import FTRLLogisticRegression
 
 BITS = 12
@@ -31,7 +32,7 @@ def two_artifacts(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def snapshots(tmp_path, monkeypatch):
-    monkeypatch.setattr(artifact, "SNAPSHOT_DIR", tmp_path / "snapshots")
+    monkeypatch.setattr(model_handle, "SNAPSHOT_DIR", tmp_path / "snapshots")
 
 
 def _install(src, dst):
@@ -139,7 +140,7 @@ def test_missing_model_fails_at_start_with_a_clear_message(tmp_path):
 
 def test_default_is_the_bundled_model():
     handle = ModelHandle(None, watch_s=1)
-    assert handle.status()["path"] == str(artifact.BUNDLED) and handle.current.kind in ("lr", "fm")
+    assert handle.status()["path"] == str(model_handle.BUNDLED) and handle.current.kind in ("lr", "fm")
 
 
 def test_workers_loading_the_same_version_share_one_mapped_file(two_artifacts, tmp_path):

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from bidder import world
 from bidder.catalog import CatalogError, load
 from bidder.currency import Rates
 from bidder.domains import host_of
+from models import world
 from tests.conftest import launch_server
 from tests.test_bid_http import CATALOG, bids_of, site_request
 from tests.test_bid_rules import server  # noqa: F401 - the same server: test catalog, 1 worker

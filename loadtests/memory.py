@@ -1,4 +1,4 @@
-"""``python -m models.memory``: private memory each extra bidder worker costs, with a large model.
+"""``python -m loadtests.memory``: private memory each extra bidder worker costs, with a large model.
 
 Starts a real ``bidder serve`` (memcached off) with 1 and then 3 workers on a
 model of ``2**hash_bits`` weights, sends bid requests to every worker, then
@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bidder.memcached_proc import free_port, stop_process
+from loadtests.stack import Server
 from models import artifact
 from models.lr import FTRLLogisticRegression
 
@@ -68,30 +67,15 @@ def measure(workers: int, model: Path, second: Path, workdir: Path) -> dict[str,
     """USS/PSS (MiB) of the workers after load, and after a hot reload of ``second``."""
     live = workdir / "live.npz"
     shutil.copyfile(model, live)
-    port = free_port()
-    pidfile = workdir / f"pid{workers}"
-    env = {**os.environ, "BIDDER_MODEL_SNAPSHOTS": str(workdir / "snapshots")}
-    cmd = [sys.executable, "-m", "bidder.cli", "serve", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-           "--memcached", "none", "--model", str(live), "--model-watch-s", "0.2", "--pid", str(pidfile),
-           "--ledger", str(workdir / "ledger.sqlite3"), "--log-level", "warning"]
-    with open(workdir / f"serve{workers}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if _get(port, "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"bidder serve did not start; see {workdir}/serve{workers}.log")
-            time.sleep(0.2)
-        master = psutil.Process(int(pidfile.read_text()))
+    server = Server(["--workers", str(workers), "--model", str(live), "--model-watch-s", "0.2",
+                     "--log-level", "warning"], "none", str(workdir),
+                    env={"BIDDER_MODEL_SNAPSHOTS": str(workdir / "snapshots")})
+    with server:
+        master = psutil.Process(server.master_pid)
 
         def traffic(n: int = 300) -> None:
             for _ in range(n):
-                _get(port, "/openrtb2/bid", REQUEST)
+                _get(server.port, "/openrtb2/bid", REQUEST)
 
         def snapshot(tag: str) -> dict[str, float]:
             procs = [master, *master.children()]
@@ -112,12 +96,10 @@ def measure(workers: int, model: Path, second: Path, workdir: Path) -> dict[str,
         traffic(50)
         out.update(snapshot("reloaded"))
         return out
-    finally:
-        stop_process(proc, timeout=20)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--hash-bits", type=int, default=24, help="large model: 2**bits float32 weights")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bidder-mem-") as tmp:

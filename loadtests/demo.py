@@ -18,6 +18,8 @@ from contextlib import ExitStack
 from bidder import memcached_proc
 from bidder.seed import seed_users
 from bidder.settings import number
+from loadtests import openloop, traffic
+from loadtests import stack as harness
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,9 +88,6 @@ def show_bids(port: int, requests: list[tuple[bytes, dict[str, str]]], n: int) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from loadtests import openloop, traffic
-    from loadtests import stack as harness
-
     with ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bidder-demo-"))
         memcached = args.memcached
