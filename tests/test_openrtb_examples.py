@@ -70,7 +70,10 @@ VIDEO_ONLY = {
 }
 
 NATIVE_ONLY = {
-    "id": "native-only-1", "imp": [{"id": "1", "native": {"request": "{\"ver\":\"1.2\"}",
+    "id": "native-only-1", "imp": [{"id": "1", "native": {"request": json.dumps({
+        "ver": "1.2", "assets": [{"id": 1, "required": 1, "title": {"len": 90}},
+                                 {"id": 2, "required": 1, "img": {"type": 3, "wmin": 600,
+                                                                  "hmin": 314}}]}),
                                                           "ver": "1.2"}}],
     "app": {"bundle": "com.example.maps"},
 }
