@@ -170,36 +170,37 @@ class Auction:
         """Campaigns left after targeting, blocks, seats and budgets; NoBid naming the first
         filter that left nothing."""
         cat = self.catalog
+        sets = cat.sets
         device = r.device
-        bits = cat.targeted(cat.by_country, cat.any_country, country_of(r))
+        bits = cat.targeted(sets.by_country, sets.any_country, country_of(r))
         # no Device: type and OS unknown, so only campaigns that do not target them
-        bits &= cat.targeted(cat.by_devicetype, cat.any_devicetype,
+        bits &= cat.targeted(sets.by_devicetype, sets.any_devicetype,
                              device.devicetype if device else None)
-        bits &= cat.targeted(cat.by_os, cat.any_os,
+        bits &= cat.targeted(sets.by_os, sets.any_os,
                              device.os.lower() if device and device.os else None)
         if not bits:
             return NoBid("no_campaign_targets_user")
         # domains match case-insensitively and cover their subdomains (www.x.example is x.example)
         named, publisher = inventory_domains(r)
-        if cat.by_domain_allow:
-            bits &= cat.any_domain | cat.any_of(cat.by_domain_allow, named)
-        bits &= ~cat.any_of(cat.by_domain_block, named + publisher if publisher else named)
+        if sets.by_domain_allow:
+            bits &= sets.any_domain | cat.any_of(sets.by_domain_allow, named)
+        bits &= ~cat.any_of(sets.by_domain_block, named + publisher if publisher else named)
         if not bits:
             return NoBid("no_campaign_targets_inventory")
         if (r.bcat or r.acat) and r.cattax not in (None, 1):  # only Content Category 1.0 known
             return NoBid("category_taxonomy_unknown")
         # a blocked advertiser domain covers its subdomains (by_adomain lists their parents)
         blocked_advertisers = [a.strip().lower().strip(".") for a in r.badv or ()]
-        bits &= ~(cat.any_of(cat.by_cat, [k.upper() for k in r.bcat or ()])
-                  | cat.any_of(cat.by_adomain, blocked_advertisers)
-                  | cat.any_of(cat.by_bundle, [b.lower() for b in r.bapp or ()]))
+        bits &= ~(cat.any_of(sets.by_cat, [k.upper() for k in r.bcat or ()])
+                  | cat.any_of(sets.by_adomain, blocked_advertisers)
+                  | cat.any_of(sets.by_bundle, [b.lower() for b in r.bapp or ()]))
         if r.acat:
             bits &= cat.allowed_by_categories(r.acat)
         if not bits:
             return NoBid("blocked_by_request")
         if r.wseat:
-            bits &= cat.any_of(cat.by_seat, r.wseat)
-        bits &= ~cat.any_of(cat.by_seat, r.bseat)
+            bits &= cat.any_of(sets.by_seat, r.wseat)
+        bits &= ~cat.any_of(sets.by_seat, r.bseat)
         if not bits:
             return NoBid("seat_not_allowed")
         bits &= self.budgets.spendable
@@ -311,17 +312,18 @@ class Auction:
         deal_of: dict[int, Deal] = {}
         pmp = imp.pmp
         if pmp is not None and (pmp.deals or pmp.private_auction):  # private, no deals: no bid
+            sets = cat.sets
             in_deal: Bits = 0
             for deal in pmp.deals or ():
-                hit = cat.by_deal.get(deal.id, 0) & campaigns & ~in_deal
+                hit = sets.by_deal.get(deal.id, 0) & campaigns & ~in_deal
                 if not hit or not self.rates.knows(deal.bidfloorcur):
                     continue
                 if (deal.at or auction_type) == 3 and not deal.bidfloor:
                     continue  # a fixed-price deal whose price (bidfloor) was not given
                 if deal.wseat:
-                    hit &= cat.any_of(cat.by_seat, deal.wseat)
+                    hit &= cat.any_of(sets.by_seat, deal.wseat)
                 if deal.wadomain:
-                    hit &= cat.any_of(cat.by_adomain, [d.lower() for d in deal.wadomain])
+                    hit &= cat.any_of(sets.by_adomain, [d.lower() for d in deal.wadomain])
                 in_deal |= hit
                 for i in range(hit.bit_length()):
                     if hit >> i & 1:

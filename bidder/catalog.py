@@ -1,76 +1,117 @@
-"""The campaign catalog: load, validate, and compile into arrays for vectorised eligibility.
+"""The campaign catalog: load, validate, and compile into indexes for eligibility and scoring.
 
-A catalog that fails validation is refused at start with a message naming the
-campaign and the field. Compiling turns the campaigns into one row per
-campaign x creative (a *candidate*) plus per-campaign boolean masks keyed by
-targeting value, so a request's eligibility is a handful of numpy ``&``s.
+Validation is by msgspec while decoding: the rules of single fields are declared on the types
+(``Meta`` constraints, ``Literal``s), the few that span fields are checked after. A catalog
+that fails is refused at start with a message naming the campaign, the creative, the field,
+what to do, and the JSON path. Compiling builds, by plain functions, the campaign sets by
+targeting value (``targeting_sets``, Python ints as bitsets) and one row per campaign x
+creative (a *candidate*) in numpy arrays (``candidate_arrays``), so a request's eligibility
+is a handful of ``&``s.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
+import msgspec.inspect
 import numpy as np
+from msgspec import Meta
 
 from bidder.currency import Rates, to_micros
 from bidder.domains import domain_and_parents
 
 
-CREATIVE_ATTRIBUTES = range(1, 18)  # AdCOM 1.0 list "Creative Attributes"
-DEVICE_TYPES = range(1, 9)  # AdCOM 1.0 list "Device Types"
-ISO_ALPHA3 = re.compile(r"[A-Za-z]{3}")
-IAB_CATEGORY = re.compile(r"IAB\d{1,2}(-\d{1,3})?", re.IGNORECASE)
 MAX_VALUE_PER_CLICK_USD = 1000.0  # a sanity limit: above it, a typo or a wrong currency
 MAX_WINDOW_S = 366 * 86400  # memcached's expiry of a counter is a 32-bit Unix time
 BANNER_TYPES = (1, 2, 3, 4)  # OpenRTB banner ad types: XHTML text, XHTML banner, JavaScript, iframe
 
+# The rules of single fields are declared on their types: msgspec checks them while decoding
+# and names the path ($.campaigns[1].creatives[0].w); each ``description`` is the advice the
+# error message adds. Patterns end in \Z: msgspec searches, and $ lets a final newline through.
+CampaignId = Annotated[str, Meta(
+    pattern=r"^[A-Za-z0-9._:-]{1,64}\Z",
+    description="campaign id: use 1-64 letters, digits and . _ : - (it is part of notice URLs "
+                "and memcached keys)")]
+AdvertiserDomains = Annotated[list[Annotated[str, Meta(pattern=r"\S")]], Meta(
+    min_length=1,
+    description="list at least one advertiser domain, none empty (OpenRTB Bid.adomain)")]
+IabCategory = Annotated[str, Meta(
+    pattern=r"^(?i:IAB\d{1,2}(-\d{1,3})?)\Z",
+    description="use IAB Content Category 1.0 codes such as IAB18 or IAB18-1 (the taxonomy bcat "
+                "and acat are checked in)")]
+ValuePerClick = Annotated[float, Meta(gt=0, description="must be a positive amount")]
+Budget = Annotated[float, Meta(gt=0, description="must be a positive amount (or absent for no "
+                                                 "cap)")]
+CountryCode = Annotated[str, Meta(
+    pattern=r"^[A-Za-z]{3}\Z",
+    description="use ISO-3166-1 alpha-3 codes such as JPN or USA (OpenRTB's geo.country)")]
+DeviceType = Annotated[int, Meta(
+    ge=1, le=8,
+    description="use AdCOM 1.0 device types, 1 to 8 (1 mobile/tablet, 2 PC, 3 CTV, 4 phone, "
+                "5 tablet, ...)")]
+Creatives = Annotated[list["Creative"], Meta(
+    min_length=1, description="a campaign needs at least one creative")]
+CreativeId = Annotated[str, Meta(
+    pattern=r"\S", description="every creative needs a non-empty id (the bid's crid)")]
+Pixels = Annotated[int, Meta(gt=0, description="w and h: the creative's size in pixels, "
+                                               "positive integers")]
+Markup = Annotated[str, Meta(min_length=1, description="adm: the creative's markup, not empty")]
+BannerType = Annotated[Literal[1, 2, 3, 4], Meta(
+    description=f"type must be one of {BANNER_TYPES} (1 XHTML text, 2 XHTML banner, "
+                "3 JavaScript, 4 iframe)")]
+CREATIVE_ATTRIBUTES_ADVICE = ("attr must hold distinct AdCOM 1.0 Creative Attributes codes, 1 to "
+                              "17 (e.g. 1 audio auto-play, 6 in-banner video)")
+CreativeAttributes = Annotated[list[Annotated[int, Meta(ge=1, le=17)]], Meta(
+    description=CREATIVE_ATTRIBUTES_ADVICE)]
+FREQUENCY_CAP_ADVICE = ("impressions must be positive and window_s between 1 s and "
+                        f"{MAX_WINDOW_S // 86400} days")
+Impressions = Annotated[int, Meta(gt=0, description=FREQUENCY_CAP_ADVICE)]
+WindowSeconds = Annotated[int, Meta(ge=1, le=MAX_WINDOW_S, description=FREQUENCY_CAP_ADVICE)]
+
 
 class Creative(msgspec.Struct, forbid_unknown_fields=True):
-    id: str
-    w: int
-    h: int
-    adm: str
-    type: int = 2  # banner ad type (BANNER_TYPES), what an imp's banner.btype may block
-    attr: list[int] = []  # AdCOM 1.0 Creative Attributes (1-17), what banner.battr may block
+    id: CreativeId
+    w: Pixels
+    h: Pixels
+    adm: Markup
+    type: BannerType = 2  # banner ad type, what an imp's banner.btype may block
+    attr: CreativeAttributes = []  # AdCOM 1.0 Creative Attributes, what banner.battr may block
 
 
 class FrequencyCap(msgspec.Struct, forbid_unknown_fields=True):
-    impressions: int
-    window_s: int = 86400
+    impressions: Impressions
+    window_s: WindowSeconds = 86400
 
 
 class Targeting(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    countries: list[str] = []
-    devicetypes: list[int] = []
+    countries: list[CountryCode] = []
+    devicetypes: list[DeviceType] = []
     domains_block: list[str] = []
     domains_allow: list[str] = []
     oses: list[str] = []
 
 
 class Campaign(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    id: str
-    adomain: list[str]
-    cat: list[str]
-    value_per_click: float
-    creatives: list[Creative]
+    id: CampaignId
+    adomain: AdvertiserDomains
+    cat: list[IabCategory]
+    value_per_click: ValuePerClick
+    creatives: Creatives
     currency: str = "USD"
     targeting: Targeting | None = None
     seat: str = "bidder"
     bundle: str | None = None
     deals: list[str] = []
-    budget: float | None = None  # total spend cap, in ``currency``
+    budget: Budget | None = None  # total spend cap, in ``currency``
     frequency_cap: FrequencyCap | None = None
 
 
 class CatalogFile(msgspec.Struct, forbid_unknown_fields=True):
     campaigns: list[Campaign]
-
-
-ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class CatalogError(ValueError):
@@ -92,11 +133,11 @@ def load(path: str | None, rates: Rates) -> "Catalog":
     try:
         parsed = msgspec.json.decode(raw, type=CatalogFile)
     except msgspec.ValidationError as exc:
-        raise CatalogError(f"campaign catalog {path}: {_name_campaign(raw, str(exc))}") from None
+        raise CatalogError(f"campaign catalog {path}: {_explain(raw, str(exc))}") from None
     except msgspec.DecodeError as exc:
         raise CatalogError(f"campaign catalog {path} is not valid JSON: {exc}") from None
     for campaign in parsed.campaigns:
-        _validate(campaign, rates)
+        _check_across_fields(campaign, rates)
     ids = [c.id for c in parsed.campaigns]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -104,73 +145,92 @@ def load(path: str | None, rates: Rates) -> "Catalog":
     return Catalog(parsed.campaigns, rates, os.path.abspath(path))
 
 
-def _name_campaign(raw: bytes, message: str) -> str:
-    """Turn msgspec's ``$.campaigns[3].cat`` into ``campaign 'c4': ... at $.campaigns[3].cat``."""
-    marker = "$.campaigns["
-    if marker not in message:
+def _explain(raw: bytes, message: str) -> str:
+    """msgspec's ``Expected `int` >= 1 - at `$.campaigns[1].creatives[0].w``` as
+    ``campaign 'c2', creative 'c2-cr1', field 'w': <the rule's advice> (<msgspec's message>)``."""
+    where = re.search(r"`\$\.campaigns\[(\d+)\](?:\.creatives\[(\d+)\])?\.?([^`]*)`$", message)
+    if where is None:
         return message
-    index = int(message.split(marker, 1)[1].split("]", 1)[0])
+    index, creative_index, field_path = where.groups()
+    campaign = _raw_field(raw, int(index), None)
+    named = f"campaign {campaign.get('id', f'#{index}')!r}"
+    if creative_index is not None:
+        creative = _raw_field(raw, int(index), int(creative_index))
+        named += f", creative {creative.get('id', f'#{creative_index}')!r}"
+        if not field_path:
+            field_path = f"creatives[{creative_index}]"
+    if field_path:
+        named += f", field {field_path!r}"
+    advice = rule_advice(where.group(0).strip("`"))
+    return f"{named}: {advice} ({message})" if advice else f"{named}: {message}"
+
+
+def _raw_field(raw: bytes, campaign: int, creative: int | None) -> dict:
+    """The raw JSON object of a campaign (or one of its creatives), {} when it is not one."""
     try:
-        campaign_id = msgspec.json.decode(raw)["campaigns"][index].get("id", f"#{index}")
-    except (msgspec.DecodeError, KeyError, IndexError, AttributeError, TypeError):
-        campaign_id = f"#{index}"
-    return f"campaign {campaign_id!r}: {message}"
+        node = msgspec.json.decode(raw)["campaigns"][campaign]
+        if creative is not None:
+            node = node["creatives"][creative]
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+        return {}
+    return node if isinstance(node, dict) else {}
 
 
-def _validate(c: Campaign, rates: Rates) -> None:
-    def fail(field_name: str, why: str) -> None:
-        raise CatalogError(f"campaign {c.id!r}, field {field_name!r}: {why}")
+def rule_advice(path: str) -> str | None:
+    """The advice (``description``) of the rule on ``path`` (``$.campaigns[1].cat[0]``): the
+    innermost description on the way, a list's passing on to its items but not into a struct
+    (whose fields have rules of their own)."""
+    node: object = msgspec.inspect.type_info(CatalogFile)
+    advice = None
+    for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", path):
+        node, advice = _unwrap(node, advice)
+        if name and isinstance(node, msgspec.inspect.StructType):
+            node = next((f.type for f in node.fields if f.encode_name == name), None)
+        elif index and isinstance(node, msgspec.inspect.ListType):
+            node = node.item_type
+        else:
+            return advice
+    return _unwrap(node, advice)[1]
 
-    if not ID_PATTERN.fullmatch(c.id):
-        raise CatalogError(f"campaign id {c.id!r}: use 1-64 letters, digits and . _ : - "
-                           "(it is part of notice URLs and memcached keys)")
-    if not c.adomain or not all(d.strip() for d in c.adomain):
-        fail("adomain", "list at least one advertiser domain, none empty (OpenRTB Bid.adomain)")
-    if not all(IAB_CATEGORY.fullmatch(k) for k in c.cat):
-        fail("cat", f"{c.cat}: use IAB Content Category 1.0 codes such as IAB18 or IAB18-1 (the "
-                    "taxonomy bcat and acat are checked in)")
+
+def _unwrap(node: object, inherited: str | None) -> tuple[object, str | None]:
+    """``node`` without its ``Annotated`` metadata and ``| None``, and the advice there: its own
+    description, else ``inherited`` unless it is a struct."""
+    description = None
+    while True:
+        if isinstance(node, msgspec.inspect.Metadata):
+            description = (node.extra_json_schema or {}).get("description", description)
+            node = node.type
+        elif isinstance(node, msgspec.inspect.UnionType):
+            node = next(t for t in node.types if not isinstance(t, msgspec.inspect.NoneType))
+        else:
+            break
+    if description is None and not isinstance(node, msgspec.inspect.StructType):
+        description = inherited
+    return node, description
+
+
+def _check_across_fields(c: Campaign, rates: Rates) -> None:
+    """The rules a field's type cannot hold: a known currency, a sane value in USD, distinct
+    creative ids and attributes."""
+    def fail(field_name: str, why: str, creative: Creative | None = None) -> None:
+        named = f", creative {creative.id!r}" if creative is not None else ""
+        raise CatalogError(f"campaign {c.id!r}{named}, field {field_name!r}: {why}")
+
     if not rates.knows(c.currency):
         fail("currency", f"{c.currency!r} has no rate; add it with --currency-rates")
-    if not (c.value_per_click > 0):  # also NaN
-        fail("value_per_click", "must be a positive amount")
     usd = rates.to_usd(c.value_per_click, c.currency)
     if not usd <= MAX_VALUE_PER_CLICK_USD:
         fail("value_per_click", f"{c.value_per_click} {c.currency} ({usd:.6g} USD) a click is over "
                                 f"the {MAX_VALUE_PER_CLICK_USD:g} USD sanity limit: check the "
                                 "amount and its currency")
-    targeting = c.targeting or Targeting()
-    if not all(ISO_ALPHA3.fullmatch(k) for k in targeting.countries):
-        fail("targeting.countries", f"{targeting.countries}: use ISO-3166-1 alpha-3 codes such as "
-                                    "JPN or USA (OpenRTB's geo.country)")
-    if not all(t in DEVICE_TYPES for t in targeting.devicetypes):
-        fail("targeting.devicetypes", f"{targeting.devicetypes}: use AdCOM 1.0 device types, 1 to "
-                                      "8 (1 mobile/tablet, 2 PC, 3 CTV, 4 phone, 5 tablet, ...)")
-    if not c.creatives:
-        fail("creatives", "a campaign needs at least one creative")
     seen: set[str] = set()
     for cr in c.creatives:
-        if not cr.id.strip():
-            fail("creatives", "every creative needs a non-empty id (the bid's crid)")
         if cr.id in seen:
-            fail("creatives", f"duplicate creative id {cr.id!r}")
+            fail("id", f"duplicate creative id {cr.id!r}", cr)
         seen.add(cr.id)
-        if cr.w <= 0 or cr.h <= 0:
-            fail("creatives", f"creative {cr.id!r} needs positive w and h")
-        if not cr.adm:
-            fail("creatives", f"creative {cr.id!r} has an empty adm")
-        if cr.type not in BANNER_TYPES:
-            fail("creatives", f"creative {cr.id!r}: type must be one of {BANNER_TYPES} (1 XHTML "
-                              "text, 2 XHTML banner, 3 JavaScript, 4 iframe)")
-        if any(a not in CREATIVE_ATTRIBUTES for a in cr.attr) or len(set(cr.attr)) < len(cr.attr):
-            fail("creatives", f"creative {cr.id!r}: attr must hold distinct AdCOM 1.0 Creative "
-                              "Attributes codes, 1 to 17 (e.g. 1 audio auto-play, 6 in-banner "
-                              "video)")
-    if c.budget is not None and not c.budget > 0:
-        fail("budget", "must be a positive amount (or absent for no cap)")
-    if c.frequency_cap is not None and (c.frequency_cap.impressions <= 0
-                                        or not 0 < c.frequency_cap.window_s <= MAX_WINDOW_S):
-        fail("frequency_cap", "impressions must be positive and window_s between 1 s and "
-                              f"{MAX_WINDOW_S // 86400} days")
+        if len(set(cr.attr)) < len(cr.attr):
+            fail("attr", f"{cr.attr}: {CREATIVE_ATTRIBUTES_ADVICE}", cr)
 
 
 Bits = int  # a set of campaigns: bit i is campaign i
@@ -195,7 +255,104 @@ def category_and_parent(category: str) -> tuple[str, str]:
 ELIGIBLE_CACHE_SIZE = 4096
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class TargetingSets:
+    """Campaign sets by request value, for eligibility. ``by_*`` maps a value to the campaigns
+    that list it; for a targeted dimension (country, device type, OS, allowed domain) it also
+    holds the campaigns that do not target it, which ``any_*`` holds alone."""
+
+    by_country: dict[str, Bits]
+    any_country: Bits
+    by_devicetype: dict[int, Bits]
+    any_devicetype: Bits
+    by_os: dict[str, Bits]
+    any_os: Bits
+    by_domain_allow: dict[str, Bits]
+    any_domain: Bits
+    by_domain_block: dict[str, Bits]
+    by_cat: dict[str, Bits]  # under each category and its tier-1 parent: a blocked IAB18 blocks IAB18-1
+    by_adomain: dict[str, Bits]  # under each domain and its parents: badv of x.example blocks shop.x.example
+    by_bundle: dict[str, Bits]
+    by_seat: dict[str, Bits]
+    by_deal: dict[str, Bits]
+    categories: list[set[tuple[str, str]]]  # per campaign: (category, tier-1 parent), for acat
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateArrays:
+    """Per candidate (campaign x creative) row: what eligibility and scoring read as arrays."""
+
+    campaign: np.ndarray  # the campaign's index
+    value_per_mille: np.ndarray  # value_per_click (USD) x 1000
+    secure: np.ndarray  # no http:// URL in the markup (imp.secure=1 needs HTTPS throughout)
+    by_size: dict[tuple[int, int], np.ndarray]  # (w, h) -> rows of that size
+    by_type: dict[int, np.ndarray]  # banner ad type -> rows of that type
+    by_attr: dict[int, np.ndarray]  # creative attribute -> rows that declare it
+
+
+def allow_table(values: list[list]) -> tuple[dict, Bits]:
+    """From each campaign's targeted values: value -> campaigns targeting it or not targeting
+    the dimension at all; and the campaigns not targeting it."""
+    untargeted = sum(1 << i for i, listed in enumerate(values) if not listed)
+    table: dict = {}
+    for i, listed in enumerate(values):
+        for v in listed:
+            table[v] = table.get(v, untargeted) | (1 << i)
+    return table, untargeted
+
+
+def member_table(values: list) -> dict:
+    """From each campaign's listed values: value -> campaigns that list it."""
+    table: dict = {}
+    for i, listed in enumerate(values):
+        for v in listed:
+            table[v] = table.get(v, 0) | (1 << i)
+    return table
+
+
+def targeting_sets(campaigns: list[Campaign]) -> TargetingSets:
+    """The campaign sets of ``campaigns`` by every value a request is matched on."""
+    targetings = [c.targeting or Targeting() for c in campaigns]
+    by_country, any_country = allow_table([[k.upper() for k in t.countries] for t in targetings])
+    by_devicetype, any_devicetype = allow_table([t.devicetypes for t in targetings])
+    by_os, any_os = allow_table([[o.lower() for o in t.oses] for t in targetings])
+    by_domain_allow, any_domain = allow_table([[d.lower() for d in t.domains_allow]
+                                               for t in targetings])
+    return TargetingSets(
+        by_country=by_country, any_country=any_country,
+        by_devicetype=by_devicetype, any_devicetype=any_devicetype,
+        by_os=by_os, any_os=any_os,
+        by_domain_allow=by_domain_allow, any_domain=any_domain,
+        by_domain_block=member_table([[d.lower() for d in t.domains_block] for t in targetings]),
+        by_cat=member_table([{p for k in c.cat for p in category_and_parent(k)}
+                             for c in campaigns]),
+        by_adomain=member_table([{p for d in c.adomain for p in domain_and_parents(d)}
+                                 for c in campaigns]),
+        by_bundle=member_table([[c.bundle.lower()] if c.bundle else [] for c in campaigns]),
+        by_seat=member_table([[c.seat] for c in campaigns]),
+        by_deal=member_table([c.deals for c in campaigns]),
+        categories=[{category_and_parent(k) for k in c.cat} for c in campaigns])
+
+
+def candidate_arrays(candidates: list[tuple[Campaign, Creative]], index: dict[str, int],
+                     rates: Rates) -> CandidateArrays:
+    """The arrays of the ``candidates`` rows; ``index`` gives a campaign id's index."""
+    n = len(candidates)
+    by_size: dict[tuple[int, int], np.ndarray] = {}
+    for k, (_, cr) in enumerate(candidates):
+        by_size.setdefault((cr.w, cr.h), np.zeros(n, dtype=bool))[k] = True
+    return CandidateArrays(
+        campaign=np.array([index[c.id] for c, _ in candidates], dtype=np.intp),
+        value_per_mille=np.array([rates.to_usd(c.value_per_click, c.currency) * 1000.0
+                                  for c, _ in candidates]),
+        secure=np.array(["http://" not in cr.adm.lower() for _, cr in candidates], dtype=bool),
+        by_size=by_size,
+        by_type={t: np.array([cr.type == t for _, cr in candidates], dtype=bool)
+                 for t in BANNER_TYPES},
+        by_attr={a: np.array([a in cr.attr for _, cr in candidates], dtype=bool)
+                 for a in {a for _, cr in candidates for a in cr.attr}})
+
+
 class Catalog:
     """Campaigns compiled for the bid path.
 
@@ -204,73 +361,22 @@ class Catalog:
     small array. Candidates (campaign x creative) live in numpy arrays for the scoring.
     """
 
-    campaigns: list[Campaign]
-    rates: Rates
-    path: str
-    budget_micros: list[int | None] = field(init=False)
-    # one entry per candidate (campaign x creative)
-    candidates: list[tuple[Campaign, Creative]] = field(init=False)
-    cand_campaign: np.ndarray = field(init=False)
-    cand_value_per_mille: np.ndarray = field(init=False)  # value_per_click (USD) x 1000
-
-    def __post_init__(self) -> None:
-        n = len(self.campaigns)
-        self.n_bytes = (n + 7) // 8
-        self.index = {c.id: i for i, c in enumerate(self.campaigns)}
-        self.budget_micros = [None if c.budget is None
-                              else to_micros(self.rates.to_usd(c.budget, c.currency))
-                              for c in self.campaigns]
-        self.capped = [i for i, c in enumerate(self.campaigns) if c.frequency_cap]
-        self.candidates = [(c, cr) for c in self.campaigns for cr in c.creatives]
-        self.cand_campaign = np.array([self.index[c.id] for c, _ in self.candidates], dtype=np.intp)
-        self.cand_value_per_mille = np.array(
-            [self.rates.to_usd(c.value_per_click, c.currency) * 1000.0 for c, _ in self.candidates])
-        # imp.secure=1 needs HTTPS assets and markup: a creative with any http:// URL is out
-        self.cand_secure = np.array(["http://" not in cr.adm.lower() for _, cr in self.candidates],
-                                    dtype=bool)
-        self._by_type = {t: np.array([cr.type == t for _, cr in self.candidates], dtype=bool)
-                         for t in BANNER_TYPES}
-        self._by_attr = {a: np.array([a in cr.attr for _, cr in self.candidates], dtype=bool)
-                         for a in {a for _, cr in self.candidates for a in cr.attr}}
-        # a campaign's categories with their tier-1 parents ("IAB18-1" -> "IAB18"), for acat
-        self.categories = [{category_and_parent(k) for k in c.cat} for c in self.campaigns]
-        self._by_size: dict[tuple[int, int], np.ndarray] = {}
-        for k, (_, cr) in enumerate(self.candidates):
-            self._by_size.setdefault((cr.w, cr.h), np.zeros(len(self.candidates), dtype=bool))[k] = True
-        self._eligible: dict[tuple, tuple[np.ndarray, Bits]] = {}
-
-        def allow(values_of) -> tuple[dict, Bits]:
-            """value -> campaigns targeting it or not targeting that dimension; the untargeted."""
-            untargeted = sum(1 << i for i, c in enumerate(self.campaigns) if not values_of(c))
-            table: dict = {}
-            for i, c in enumerate(self.campaigns):
-                for v in values_of(c):
-                    table[v] = table.get(v, untargeted) | (1 << i)
-            return table, untargeted
-
-        def member(values_of) -> dict:
-            """value -> campaigns that list it."""
-            table: dict = {}
-            for i, c in enumerate(self.campaigns):
-                for v in values_of(c):
-                    table[v] = table.get(v, 0) | (1 << i)
-            return table
-
-        t = lambda c: c.targeting or Targeting()  # noqa: E731
-        self.by_country, self.any_country = allow(lambda c: [k.upper() for k in t(c).countries])
-        self.by_devicetype, self.any_devicetype = allow(lambda c: t(c).devicetypes)
-        self.by_os, self.any_os = allow(lambda c: [o.lower() for o in t(c).oses])
-        self.by_domain_allow, self.any_domain = allow(
-            lambda c: [d.lower() for d in t(c).domains_allow])
-        self.by_domain_block = member(lambda c: [d.lower() for d in t(c).domains_block])
-        # a blocked IAB category also blocks its subcategories ("IAB18" blocks "IAB18-1")
-        self.by_cat = member(lambda c: {p for k in c.cat for p in category_and_parent(k)})
-        # an advertiser domain is also listed under its parents: blocking "ford.example"
-        # (badv) blocks "shop.ford.example" too
-        self.by_adomain = member(lambda c: {p for d in c.adomain for p in domain_and_parents(d)})
-        self.by_bundle = member(lambda c: [c.bundle.lower()] if c.bundle else [])
-        self.by_seat = member(lambda c: [c.seat])
-        self.by_deal = member(lambda c: c.deals)
+    def __init__(self, campaigns: list[Campaign], rates: Rates, path: str) -> None:
+        self.campaigns = campaigns
+        self.rates = rates
+        self.path = path
+        self.index = {c.id: i for i, c in enumerate(campaigns)}
+        self.budget_micros: list[int | None] = [
+            None if c.budget is None else to_micros(rates.to_usd(c.budget, c.currency))
+            for c in campaigns]
+        self.capped = [i for i, c in enumerate(campaigns) if c.frequency_cap]
+        # one row per candidate (campaign x creative)
+        self.candidates: list[tuple[Campaign, Creative]] = [
+            (c, cr) for c in campaigns for cr in c.creatives]
+        self.sets = targeting_sets(campaigns)
+        self.arrays = candidate_arrays(self.candidates, self.index, rates)
+        self._n_bytes = (len(campaigns) + 7) // 8
+        self._eligible: dict[tuple, Candidates] = {}
 
     @staticmethod
     def any_of(table: dict, values: list | None) -> Bits:
@@ -289,13 +395,13 @@ class Catalog:
 
     def fits_any(self, sizes: tuple[tuple[int, int], ...]) -> bool:
         """Whether some creative of the catalog has one of ``sizes``."""
-        return any(size in self._by_size for size in sizes)
+        return any(size in self.arrays.by_size for size in sizes)
 
     def allowed_by_categories(self, acat: list[str]) -> Bits:
         """Campaigns whose every category is in ``acat``, itself or by its tier-1 parent (a
         campaign without categories cannot show it is allowed)."""
         allowed = {k.upper() for k in acat}
-        return sum(1 << i for i, cats in enumerate(self.categories)
+        return sum(1 << i for i, cats in enumerate(self.sets.categories)
                    if cats and all(k in allowed or parent in allowed for k, parent in cats))
 
     def eligible_candidates(self, campaigns: Bits, sizes: tuple[tuple[int, int], ...],
@@ -307,23 +413,24 @@ class Catalog:
         key = (campaigns, sizes, secure, blocked_types, blocked_attrs)
         found = self._eligible.get(key)
         if found is None:
-            packed = np.frombuffer(campaigns.to_bytes(self.n_bytes, "little"), dtype=np.uint8)
+            arrays = self.arrays
+            packed = np.frombuffer(campaigns.to_bytes(self._n_bytes, "little"), dtype=np.uint8)
             per_campaign = np.unpackbits(packed, count=len(self.campaigns), bitorder="little")
-            mask = per_campaign.view(bool)[self.cand_campaign]
+            mask = per_campaign.view(bool)[arrays.campaign]
             fits = np.zeros(len(self.candidates), dtype=bool)
             for size in sizes:
-                fits |= self._by_size.get(size, False)
+                fits |= arrays.by_size.get(size, False)
             if secure:
-                fits &= self.cand_secure
+                fits &= arrays.secure
             for t in blocked_types:
-                if t in self._by_type:  # a type this bidder does not know blocks nothing
-                    fits &= ~self._by_type[t]
+                if t in arrays.by_type:  # a type this bidder does not know blocks nothing
+                    fits &= ~arrays.by_type[t]
             for a in blocked_attrs:
-                if a in self._by_attr:  # an attribute no creative has blocks nothing
-                    fits &= ~self._by_attr[a]
+                if a in arrays.by_attr:  # an attribute no creative has blocks nothing
+                    fits &= ~arrays.by_attr[a]
             rows = np.flatnonzero(mask & fits)
-            campaign = self.cand_campaign[rows]
-            value_per_mille = self.cand_value_per_mille[rows]
+            campaign = arrays.campaign[rows]
+            value_per_mille = arrays.value_per_mille[rows]
             for array in (rows, campaign, value_per_mille):
                 array.flags.writeable = False
             found = Candidates(rows, sum(1 << i for i in set(campaign.tolist())), campaign,

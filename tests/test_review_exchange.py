@@ -159,6 +159,41 @@ def test_catalog_refuses_values_that_would_never_match_or_misprice(tmp_path, whe
         load(str(path), Rates({}))
 
 
+@pytest.mark.parametrize("where, value, message", [
+    (("creatives", 0, "w"), 0, r"creative 'us-autos-728x90', field 'w': .*positive.*"
+                               r"at `\$\.campaigns\[1\]\.creatives\[0\]\.w`"),
+    (("creatives", 0, "w"), "wide", r"field 'w': .*Expected `int`, got `str`"),
+    (("creatives", 0, "type"), 5, r"field 'type': type must be one of \(1, 2, 3, 4\)"),
+    (("creatives", 0, "adm"), "", r"field 'adm': adm: the creative's markup, not empty"),
+    (("creatives",), [], r"field 'creatives': a campaign needs at least one creative"),
+    (("budget",), 0, r"field 'budget': must be a positive amount \(or absent for no cap\)"),
+    (("currency",), "XYZ", r"field 'currency': 'XYZ' has no rate; add it with --currency-rates"),
+    (("frequency_cap",), {"impressions": 0}, r"field 'frequency_cap.impressions': impressions"),
+])
+def test_catalog_errors_name_campaign_creative_field_and_path(tmp_path, where, value, message):
+    """Rules declared on the catalog's types (msgspec) keep the advice and add the JSON path."""
+    catalog = json.load(open(CATALOG))
+    node = catalog["campaigns"][1]
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps(catalog))
+    with pytest.raises(CatalogError, match=rf"campaign 'us-autos'.*{message}"):
+        load(str(path), Rates({}))
+
+
+def test_duplicate_creative_ids_are_refused(tmp_path):
+    catalog = json.load(open(CATALOG))
+    creatives = catalog["campaigns"][1]["creatives"]
+    creatives[1]["id"] = creatives[0]["id"]
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps(catalog))
+    with pytest.raises(CatalogError, match="campaign 'us-autos', creative 'us-autos-728x90', "
+                                           "field 'id': duplicate creative id"):
+        load(str(path), Rates({}))
+
+
 def test_inventory_named_only_by_page_or_publisher_still_meets_domain_blocks(server):
     for site in ({"page": "https://www.bad.example/article?x=1"},
                  {"domain": " https://BAD.example/ "},
