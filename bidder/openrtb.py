@@ -181,9 +181,9 @@ class Bid(Struct, omit_defaults=True, gc=False):
     crid: str
     cid: str
     cat: list[str]
-    w: int
-    h: int
     mtype: int  # 2.6 markup type: 1 banner, 2 video, 4 native
+    w: int | None = None  # banner and video; a native ad has no size of its own
+    h: int | None = None
     dealid: str | None = None
     bundle: str | None = None
     attr: list[int] | None = None  # the creative's attributes (AdCOM 1.0 Creative Attributes)

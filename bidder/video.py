@@ -90,6 +90,13 @@ def imp_protocols(video: VideoImp) -> frozenset[int]:
     return frozenset((video.protocol,)) if video.protocol else frozenset()
 
 
+def fit_key(video: VideoImp) -> tuple:
+    """What of ``video`` decides which creatives fit, hashable (eligibility is cached by it)."""
+    return (tuple(video.mimes or ()), video.minduration, video.maxduration,
+            tuple(video.rqddurs or ()), imp_protocols(video), video.w, video.h, video.linearity,
+            tuple(video.battr or ()))
+
+
 def fits(creative: VideoCreative, video: VideoImp) -> bool:
     """Whether ``creative`` may play in ``video``: a mime in common, the duration inside
     min/max (or one of ``rqddurs``), a protocol in common, the size when both w and h are

@@ -4,6 +4,7 @@ decoding of the type deviations real exchanges send."""
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
@@ -235,3 +236,65 @@ def test_strict_requests_are_not_counted_and_fractions_still_refused():
         decode_request(b'{"id":"r","imp":[{"id":"1","banner":{"w":300.5,"h":250}}]}')
     with pytest.raises(InvalidRequest, match="bidfloor"):
         decode_request(b'{"id":"r","imp":[{"id":"1","bidfloor":"nan","banner":{}}]}')
+
+
+def load_catalog(tmp_path, creative: dict):
+    from bidder import catalog
+    from bidder.currency import Rates
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"campaigns": [{"id": "camp", "adomain": ["a.example"],
+                                               "cat": ["IAB1"], "value_per_click": 1.0,
+                                               "creatives": [{"id": "cr", **creative}]}]}))
+    return catalog.load(str(path), Rates.parse(""))
+
+
+VIDEO = {"format": "video", "w": 640, "h": 480, "duration": 15, "mimes": ["video/mp4"],
+         "protocols": [2, 3]}
+NATIVE = {"format": "native", "title": "T", "sponsored": "S", "link": "https://a.example/",
+          "image": {"url": "https://a.example/i.jpg", "w": 1200, "h": 627}}
+
+
+@pytest.mark.parametrize("creative, field, says", [
+    ({**VIDEO, "vast": "<VAST"}, "vast", "well-formed"),
+    ({**VIDEO, "vast": INLINE_VAST, "vast_url": "https://a.example/v.xml"}, "vast", "either"),
+    ({**VIDEO}, "vast", "either"),
+    ({**VIDEO, "mimes": ["video/webm"], "vast": INLINE_VAST}, "mimes", "no MediaFile"),
+    ({**VIDEO, "protocols": [5, 6], "vast": INLINE_VAST}, "protocols", "inline protocol"),
+    ({**VIDEO, "protocols": [2, 3], "vast_url": "https://a.example/v.xml"}, "protocols",
+     "wrapper"),
+    ({**VIDEO, "duration": None, "vast": INLINE_VAST}, "duration", "needs duration"),
+    ({**NATIVE, "title": None}, "title", "needs title"),
+    ({**NATIVE, "vast_url": "https://a.example/v.xml"}, "vast_url", "video creatives"),
+    ({"w": 300, "h": 250, "adm": "<a/>", "title": "T"}, "title", "native creatives"),
+    ({"w": 300, "h": 250}, "adm", "needs adm"),
+])
+def test_catalog_refuses_creatives_a_format_cannot_use(tmp_path, creative, field, says):
+    from bidder.catalog import CatalogError
+    creative = {k: v for k, v in creative.items() if v is not None}
+    with pytest.raises(CatalogError) as exc:
+        load_catalog(tmp_path, creative)
+    message = str(exc.value)
+    assert "campaign 'camp', creative 'cr'" in message and f"field {field!r}" in message, message
+    assert says in message, message
+
+
+@pytest.mark.parametrize("creative, says", [
+    ({**VIDEO, "format": "audio", "vast": INLINE_VAST}, "format must be"),
+    ({**NATIVE, "link": "javascript:alert(1)"}, "http(s) URL"),
+    ({**VIDEO, "mimes": ["mp4"], "vast": INLINE_VAST}, "MIME"),
+])
+def test_catalog_field_rules_name_the_path(tmp_path, creative, says):
+    from bidder.catalog import CatalogError
+    with pytest.raises(CatalogError, match=re.escape(says)):
+        load_catalog(tmp_path, creative)
+
+
+def test_catalog_compiles_each_format():
+    from bidder import catalog
+    from bidder.currency import Rates
+    cat = catalog.load(None, Rates.parse("EUR=1.08,JPY=0.0067"))
+    formats = {cr.format for _, cr in cat.candidates}
+    assert formats == {"banner", "video", "native"} and cat.has_video and cat.has_native
+    # a video's size is not a banner size: a 640x480 banner imp finds no video creative
+    assert not cat.fits_any(((640, 480),))
+    assert {cat.candidates[k][1].format for k in cat.arrays.video.tolist()} == {"video"}
