@@ -26,6 +26,7 @@ from bidder.auction import Auction, NoBid
 from bidder.currency import Rates, to_micros
 from bidder.featurestore import UNWRITTEN_MAX, FeatureStore, frequency_key, parse_servers
 from bidder.ledger import Ledger, Notice
+from bidder.logs import FaultLog
 from bidder.notices import NoticeError, NoticeSigner
 from bidder.openrtb import InvalidRequest, decode_request, encode_response
 from bidder.settings import Settings
@@ -33,6 +34,7 @@ from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
 
 log = logging.getLogger("bidder.app")
+faults = FaultLog(log)  # bad requests and bid-path bugs: a line an interval, with the count
 
 OPENRTB_VERSION = "2.6"
 # text/plain: some exchanges' SDKs; none: 2.6 2.3 "If the content-type is missing, the bidder
@@ -125,8 +127,9 @@ class BidResource:
         try:
             outcome = self.auction.bid(request, self.state.store, self.state.ledger,
                                        self.models.current, deadline)
-        except Exception:  # a bug must cost one no-bid, never a 5xx to the exchange
-            log.exception("bid request %s failed; answered no-bid", request.id)
+        except Exception as exc:  # a bug must cost one no-bid, never a 5xx to the exchange
+            faults.error(f"bid {type(exc).__name__}", "bid request %s failed; answered no-bid",
+                         request.id, exc_info=True)
             outcome = NoBid("internal_error")
         resp.set_header("X-OpenRTB-Version", OPENRTB_VERSION)
         if isinstance(outcome, NoBid):
@@ -308,9 +311,12 @@ class ReadyResource:
 
 
 class MetricsResource:
+    def __init__(self, models: ModelHandle) -> None:
+        self.models = models
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.data = metrics.render()
+        resp.data = metrics.render(self.models.status)
 
 
 class BadRequest(falcon.HTTPBadRequest):
@@ -337,7 +343,9 @@ def _error_serializer(req: falcon.Request, resp: falcon.Response,
     resp.data = msgspec.json.encode({"error": message})
     if exc.status_code < 500:
         metrics.BAD_REQUESTS.labels(str(exc.status_code)).inc()
-        log.warning("%s %s -> %d: %s", req.method, req.path, exc.status_code, message)
+        route = req.uri_template or "unrouted"
+        faults.warning(f"{exc.status_code} {req.method} {route}", "%s %s -> %d: %s", req.method,
+                       req.path, exc.status_code, message, status=exc.status_code, route=route)
 
 
 class _MsgspecJSON(falcon.media.BaseHandler):
@@ -374,7 +382,7 @@ def create_app(settings: Settings) -> BidderApp:
     os.register_at_fork(after_in_child=models.start_watcher)
     try:
         state = ProcessState(settings)
-    except ValueError as exc:  # a --memcached address that is not HOST:PORT
+    except ValueError as exc:  # a --memcached address that is neither HOST:PORT nor unix:PATH
         raise StartupError(str(exc)) from None
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"cannot open the ledger {settings.ledger!r} ({exc}): its directory "
@@ -389,6 +397,6 @@ def create_app(settings: Settings) -> BidderApp:
     app.add_route("/notice/{kind}", NoticeResource(auction, state))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(auction, models, state))
-    app.add_route("/metrics", MetricsResource())
+    app.add_route("/metrics", MetricsResource(models))
     app.models = models
     return app

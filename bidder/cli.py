@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("bidder.serve", "Run the bid server (Gunicorn master + pinned prefork workers)."),
     "demo": ("loadtests.demo", "Main job: memcached, users, model, server, a latency burst, a report."),
+    "config": ("bidder.config", "Show the effective settings and their sources, or an example "
+               "config file."),
     "seed": ("bidder.seed", "Load synthetic user features into memcached."),
     "train": ("bidder.train", "Train a CTR model (FTRL logistic regression or FM) and save it."),
     "tune": ("server_hooks.tune", "Check, apply or revert the host scheduler/network tuning."),

@@ -3,28 +3,37 @@
 One ``get_many`` per bid request fetches every id the request carries
 (``user.buyeruid``, ``user.id``, ``device.ifa``); the first hit wins. Values are
 msgpack arrays (``UserFeatures`` as ``array_like``): compact, schema-checked on
-decode, no pickle. A fault (refused, timed out, garbage) answers with default
-features, and that server is left alone for ``retry_ms``, its keys unknown
-meanwhile (never re-homed to another server): the bid is still answered in time. Billed impressions whose frequency counter cannot be
-written meanwhile are kept and written once memcached answers (at least once: a
-timed-out write memcached did apply counts twice, toward fewer impressions).
+decode, no pickle. A server is ``HOST:PORT`` or, co-located, ``unix:/path.sock``.
+A fault (refused, timed out, garbage) answers with default features, and that
+server is left alone for ``retry_ms``, its keys unknown meanwhile (never re-homed
+to another server): the bid is still answered in time. Only what a server or the
+network can do counts as a fault (``FAULTS``); a bug raises. Billed impressions
+whose frequency counter cannot be written meanwhile are kept and written once
+memcached answers (at least once: a timed-out write memcached did apply counts
+twice, toward fewer impressions).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import zlib
 from collections import deque
 from functools import lru_cache
+from typing import Any
 
 import msgspec
 from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError, MemcacheUnknownError
+from pymemcache.serde import FLAG_BYTES, FLAG_INTEGER, FLAG_PICKLE
 
 from bidder import metrics
+from bidder.logs import FaultLog
 
 log = logging.getLogger("bidder.featurestore")
+faults = FaultLog(log)
 
 KEY_PREFIX = "u:"
 UNWRITTEN_MAX = 10_000  # billed impressions kept per worker while memcached cannot count them
@@ -34,6 +43,13 @@ PROBE_KEY = "readyz-probe"  # read by /readyz when no look-up reached memcached 
 STATUS_FRESH_S = 5.0
 MEMCACHED_RELATIVE_MAX_S = 30 * 86400  # a longer exptime is an absolute Unix time to memcached
 MAX_PLAIN_ID = 200  # memcached keys are at most 250 bytes of printable ASCII without spaces
+MAX_KEY = 250
+UNIX_PREFIX = "unix:"
+RECV_SIZE = 65536  # a look-up's answer (a few users' segments and counters) fits one read
+# What a memcached server or the network can do to a call (refused, reset, timed out, an
+# answer that is not memcached's protocol, a server error): the server is marked down. Any
+# other exception is a bug of ours and propagates.
+FAULTS = (MemcacheError, OSError)
 
 
 class UserFeatures(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -45,26 +61,29 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(UserFeatures)
 
 
-FLAG_FEATURES = 0
-FLAG_COUNTER = 1
+# Counters written before the flags followed pymemcache.serde said 1, which is its FLAG_PICKLE;
+# no value of ours was ever a pickle, so 1 is read as a counter (an upgrade keeps the caps).
+LEGACY_COUNTER_FLAGS = (FLAG_PICKLE,)
 
 
 class UserFeaturesSerde:
-    """pymemcache serde: ``UserFeatures`` <-> msgpack (flag 0); frequency counters as ASCII ints
-    (flag 1, the form memcached's ``incr`` works on)."""
+    """pymemcache serde: ``UserFeatures`` <-> msgpack bytes (``FLAG_BYTES``); frequency counters
+    as ASCII ints (``FLAG_INTEGER``, the form memcached's ``incr`` works on), the flags
+    ``pymemcache.serde`` gives them, so a stock pymemcache client reads them the same way."""
 
     def serialize(self, key: bytes | str, value: UserFeatures | int) -> tuple[bytes, int]:
         if isinstance(value, int):
-            return str(value).encode(), FLAG_COUNTER
-        return _ENCODER.encode(value), FLAG_FEATURES
+            return str(value).encode(), FLAG_INTEGER
+        return _ENCODER.encode(value), FLAG_BYTES
 
     def deserialize(self, key: bytes | str, value: bytes, flags: int) -> UserFeatures | int | None:
         try:
-            if flags == FLAG_COUNTER:
+            if flags == FLAG_INTEGER or flags in LEGACY_COUNTER_FLAGS:
                 return int(value)
             return _DECODER.decode(value)
         except (msgspec.DecodeError, ValueError):
-            log.warning("undecodable value under key %r (flags %d): ignored", key, flags)
+            faults.warning(f"undecodable {flags}", "undecodable value in memcached (flags %d): "
+                           "ignored, the user gets default features", flags)
             return None
 
 
@@ -103,25 +122,119 @@ def memcached_expiry(window_s: int) -> int:
     return int(time.time()) + window_s
 
 
-def parse_servers(spec: str) -> list[tuple[str, int]]:
-    """``host:port[,host:port]`` -> [(host, port)]; ``none`` or empty -> []."""
+Server = tuple[str, int] | str  # (host, port), or the path of a Unix socket
+
+
+def parse_servers(spec: str) -> list[Server]:
+    """``host:port[,host:port]`` -> [(host, port)], ``unix:PATH`` -> absolute PATH (pymemcache's
+    server forms); ``none`` or empty -> []."""
     if not spec or spec.strip().lower() == "none":
         return []
-    servers = []
+    servers: list[Server] = []
     for item in spec.split(","):
-        host, sep, port = item.strip().rpartition(":")
+        item = item.strip()
+        if item.startswith(UNIX_PREFIX):
+            path = item[len(UNIX_PREFIX):]
+            if not path:
+                raise ValueError(f"memcached server {item!r}: write a Unix socket as unix:PATH, "
+                                 "e.g. unix:/run/memcached/memcached.sock")
+            servers.append(os.path.abspath(path))  # the seeder and the server name it alike
+            continue
+        host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError(f"memcached server {item!r}: write it as HOST:PORT, e.g. 127.0.0.1:11211")
+            raise ValueError(f"memcached server {item!r}: write it as HOST:PORT, e.g. "
+                             "127.0.0.1:11211, or unix:PATH for a Unix socket")
         servers.append((host.strip("[]"), int(port)))
     return servers
+
+
+def server_name(server: Server) -> str:
+    """The node name pymemcache's HashClient (the seeder) gives a server: rendezvous hashing
+    ranks these names, so the bidder must use the same ones."""
+    return server if isinstance(server, str) else f"{server[0]}:{server[1]}"
+
+
+class LookupClient(Client):
+    """pymemcache's ``Client`` with a lean ``get_many`` for the bid path.
+
+    pymemcache's own checks each key (encode, split, prefix), maps keys back through a dict
+    and reads the answer line by line through lists of chunks: about half of a look-up's
+    Python time on loopback. Here the keys come from ``user_key`` and ``frequency_key``
+    (printable ASCII, no spaces, at most 250 bytes; checked in one pass over the command),
+    the command is one ``write`` on the connected socket (no ``poll`` first: its buffer is
+    empty between look-ups) and the answer is parsed in place, usually from one ``recv``.
+    The socket keeps pymemcache's explicit connect and read timeouts, values go through the
+    client's serde, and any fault closes the connection (its state is unknown) and raises.
+    Everything else (connect, ``add``, ``incr``, ``get``) is pymemcache's.
+    """
+
+    def get_many(self, keys: list[str]) -> dict[str, Any]:  # type: ignore[override]
+        if not keys:
+            return {}
+        command = "get " + " ".join(keys)
+        if (not command.isascii() or not command.isprintable() or len(command.split()) != len(keys) + 1
+                or max(map(len, keys)) > MAX_KEY):
+            raise ValueError(f"not memcached keys (printable ASCII, no spaces, <= {MAX_KEY} "
+                             f"bytes): {keys!r}")
+        if self.sock is None:
+            self._connect()
+        sock = self.sock
+        try:
+            data = (command + "\r\n").encode()
+            sent = os.write(sock.fileno(), data)  # non-blocking fd: never waits
+            if sent < len(data):
+                sock.sendall(data[sent:])  # a full send buffer: wait, under the timeout
+            return self._read_values(sock)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_values(self, sock) -> dict[str, Any]:
+        """``VALUE key flags bytes\\r\\n<data>\\r\\n`` ... ``END\\r\\n`` -> {key: deserialized}."""
+        buf = sock.recv(RECV_SIZE)
+        found: dict[str, Any] = {}
+        pos = 0
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                buf = self._more(sock, buf)
+                continue
+            if buf.startswith(b"VALUE ", pos):
+                try:
+                    _, key, flags, size = buf[pos:eol].split()
+                    name, flag, end = key.decode("ascii"), int(flags), eol + 2 + int(size)
+                except ValueError:  # not 4 fields, not numbers, not ASCII
+                    raise MemcacheUnknownError(buf[pos:eol][:64]) from None
+                if end < eol + 2:
+                    raise MemcacheUnknownError(buf[pos:eol][:64])
+                while len(buf) < end + 2:
+                    buf = self._more(sock, buf)
+                if buf[end:end + 2] != b"\r\n":
+                    raise MemcacheUnknownError(b"value not followed by CRLF")
+                found[name] = self.serde.deserialize(name, buf[eol + 2:end], flag)
+                pos = end + 2
+            elif eol == pos + 3 and buf.startswith(b"END", pos):
+                if eol + 2 != len(buf):
+                    raise MemcacheUnknownError(b"bytes after END")
+                return found
+            else:
+                self._raise_errors(buf[pos:eol], b"get")
+                raise MemcacheUnknownError(buf[pos:eol][:64])
+
+    @staticmethod
+    def _more(sock, buf: bytes) -> bytes:
+        chunk = sock.recv(RECV_SIZE)
+        if not chunk:
+            raise MemcacheUnexpectedCloseError()
+        return buf + chunk
 
 
 class Shard:
     """One memcached server: its client and, after a fault, when to try it again."""
 
-    def __init__(self, server: tuple[str, int], options: dict) -> None:
-        self.name = f"{server[0]}:{server[1]}"  # the node name HashClient (the seeder) uses
-        self.client = Client(server, **options)
+    def __init__(self, server: Server, options: dict) -> None:
+        self.name = server_name(server)
+        self.client = LookupClient(server, **options)
         self.down_until = 0.0
 
     def down(self, now: float) -> bool:
@@ -137,16 +250,19 @@ class FeatureStore:
     a billed impression would be counted where nobody reads it once the server is back).
     """
 
-    def __init__(self, servers: list[tuple[str, int]], connect_timeout_ms: float,
+    def __init__(self, servers: list[Server], connect_timeout_ms: float,
                  timeout_ms: float, retry_ms: float,
                  unwritten: deque[tuple[str, int]] | None = None) -> None:
         self.servers = servers
         self.timeout_s = timeout_ms / 1000.0
         self.retry_s = retry_ms / 1000.0
         self.last_error: str | None = None
-        options = dict(serde=UserFeaturesSerde(), connect_timeout=connect_timeout_ms / 1000.0,
-                       timeout=timeout_ms / 1000.0, no_delay=True, default_noreply=False)
-        self.shards = {shard.name: shard for shard in (Shard(s, options) for s in servers)}
+        self.client_options = dict(serde=UserFeaturesSerde(),
+                                   connect_timeout=connect_timeout_ms / 1000.0,
+                                   timeout=timeout_ms / 1000.0, no_delay=True,
+                                   default_noreply=False)
+        self.shards = {shard.name: shard
+                       for shard in (Shard(s, self.client_options) for s in servers)}
         self._ring = Crc32Rendezvous()
         for name in self.shards:
             self._ring.add_node(name)
@@ -188,7 +304,7 @@ class FeatureStore:
                 continue
             try:
                 found.update(shard.client.get_many(group))
-            except Exception as exc:  # refused, timeout, protocol error: all degrade the same way
+            except FAULTS as exc:  # refused, timeout, protocol error: all degrade the same way
                 self._failed(shard, exc)
                 unknown += group
                 faults += 1
@@ -223,7 +339,7 @@ class FeatureStore:
             return
         try:
             self._increment(shard, key, window_s)
-        except Exception as exc:
+        except FAULTS as exc:
             self._keep_unwritten(key, window_s)
             self._failed(shard, exc)
             return
@@ -254,12 +370,12 @@ class FeatureStore:
                 return
             try:
                 self._increment(shard, key, window_s)
-            except Exception as exc:
+            except FAULTS as exc:
                 self._unwritten.appendleft((key, window_s))
                 self._failed(shard, exc)
                 return
 
-    def _failed(self, shard: Shard, exc: Exception) -> None:
+    def _failed(self, shard: Shard, exc: BaseException) -> None:
         shard.down_until = time.monotonic() + self.retry_s
         if self.last_error is None:
             log.warning("memcached %s failed (%s: %s): its users get default features, its "
@@ -288,7 +404,7 @@ class FeatureStore:
                 if not shard.down(now):
                     try:
                         shard.client.get(PROBE_KEY)
-                    except Exception as exc:
+                    except FAULTS as exc:
                         self._failed(shard, exc)
             if not any(s.down(now) for s in self.shards.values()):
                 self._answered()

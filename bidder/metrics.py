@@ -19,8 +19,12 @@ import os
 import threading
 from functools import lru_cache
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04,
                    0.05, 0.075, 0.1, 0.25)
@@ -46,6 +50,11 @@ SPEND_MICROS = Counter("bidder_spend_micros_total",
                        "Spend booked from billing notices, in USD micros.", ["campaign"])
 MODEL_RELOADS = Counter("bidder_model_reloads_total", "Model artifact reloads, by outcome.",
                         ["outcome"])
+# At 0 from the start: a counter whose first sample is 1 shows no increase() to an alert.
+for _outcome in ("loaded", "refused"):
+    MODEL_RELOADS.labels(_outcome)
+for _outcome in ("hit", "miss", "error", "skipped"):
+    FEATURE_STORE.labels(_outcome)
 
 
 FLUSH_S = 0.1  # how late a bid request's counts may reach /metrics
@@ -137,13 +146,63 @@ def child(metric, *labels: str):
 
 
 
-def render() -> bytes:
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def worker_cpu(families: Iterable[Metric]) -> CounterMetricFamily:
+    """``bidder_worker_cpu_seconds_total``: user + system CPU of each live worker that
+    ``bidder_worker_info`` lists, read from /proc when /metrics is rendered (nothing on the
+    bid path)."""
+    cpu = CounterMetricFamily("bidder_worker_cpu_seconds",
+                              "CPU time (user + system) of each live worker, by slot and pid.",
+                              labels=["slot", "pid"])
+    for family in families:
+        if family.name != "bidder_worker_info":
+            continue
+        for sample in family.samples:
+            pid = sample.labels["pid"]
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # exited since it was listed
+            cpu.add_metric([sample.labels["slot"], pid],
+                           (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return cpu
+
+
+def model_info(status: dict[str, Any]) -> GaugeMetricFamily:
+    """``bidder_model_info``: the model the answering worker serves (1), and its reload counts."""
+    info = GaugeMetricFamily("bidder_model_info", "The CTR model in service: kind, version, path "
+                             "and load time (UTC) as labels, value 1.",
+                             labels=["kind", "version", "path", "loaded_at"])
+    info.add_metric([str(status.get(k, "")) for k in ("kind", "version", "path", "loaded_at")],
+                    1)
+    return info
+
+
+class _Families:
+    """A registry-like holder of collected families, for ``generate_latest``."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def render(model_status: Callable[[], dict[str, Any]] | None = None) -> bytes:
     """The text exposition of every worker's metrics, summed (this process's tally first;
-    another worker's may be up to FLUSH_S late)."""
+    another worker's may be up to FLUSH_S late), with each worker's CPU time and, given
+    ``model_status``, the model in service."""
     tally.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    from prometheus_client import REGISTRY
-    return generate_latest(REGISTRY)
+    else:
+        from prometheus_client import REGISTRY as registry
+    families = list(registry.collect())
+    families.append(worker_cpu(families))
+    if model_status is not None:
+        families.append(model_info(model_status()))
+    return generate_latest(_Families(families))

@@ -16,8 +16,10 @@ BATCH = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memcached", default="127.0.0.1:11211", metavar="HOST:PORT[,...]",
-                        help="memcached server(s) to load")
+    parser.add_argument("--memcached", default="127.0.0.1:11211",
+                        metavar="HOST:PORT|unix:PATH[,...]",
+                        help="memcached server(s) to load, named as 'bidder serve --memcached' "
+                             "names them (the same names shard users the same way)")
     parser.add_argument("--users", type=number(int, 1), default=100_000,
                         help="how many users to seed")
     parser.add_argument("--ttl", type=number(int, 0), default=0,

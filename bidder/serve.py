@@ -19,6 +19,7 @@ import tempfile
 
 from gunicorn.app.base import BaseApplication
 
+from bidder import config
 from bidder import settings as settings_mod
 from bidder.settings import Settings
 from server_hooks.pinning import CpuMapError
@@ -28,6 +29,7 @@ log = logging.getLogger("bidder.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_config_flag(parser)
     settings_mod.add_arguments(parser, "serve")
 
 
@@ -108,7 +110,7 @@ def default_workers(s: Settings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    s = settings_mod.resolve(args)
+    s, _sources = config.resolve(args)
     return serve(s)
 
 

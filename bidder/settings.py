@@ -66,10 +66,12 @@ SETTINGS: tuple[Setting, ...] = (
             type=boolean, boolean=True),
     # --- data -----------------------------------------------------------------------------------
     Setting("memcached", "--memcached", "127.0.0.1:11211",
-            "Feature store servers, HOST:PORT[,HOST:PORT...]; several are sharded by rendezvous "
-            "hashing (as `bidder seed` writes them); a failed one's keys are unknown until it "
-            "answers, never moved to another. 'none' runs without a feature store.",
-            metavar="HOST:PORT[,...]"),
+            "Feature store servers, HOST:PORT[,HOST:PORT...], or unix:PATH for a co-located "
+            "memcached's Unix socket (cheaper per look-up); several are sharded by rendezvous "
+            "hashing (as `bidder seed` writes them, so name them the same way there); a failed "
+            "one's keys are unknown until it answers, never moved to another. 'none' runs "
+            "without a feature store.",
+            metavar="HOST:PORT|unix:PATH[,...]"),
     Setting("memcached_connect_timeout_ms", "--memcached-connect-timeout-ms", 3.0,
             "Connect timeout to memcached, in ms.", type=number(float, 0, exclusive=True)),
     Setting("memcached_timeout_ms", "--memcached-timeout-ms", 5.0,

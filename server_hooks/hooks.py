@@ -64,6 +64,7 @@ def when_ready(server) -> None:
     if soft < hard:  # one descriptor per keep-alive connection: use all the host allows
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         server.log.info("open files limit raised from %s to %s", soft, hard)
+    metrics.publish_exit_causes()
     gc.collect()
     gc.freeze()  # preloaded catalog and model arrays stay shared copy-on-write
 
@@ -104,4 +105,5 @@ def child_exit(server, worker) -> None:
     slot = getattr(worker, "slot", None)
     if slot is not None and _slots is not None:
         _slots.release(slot)
-    metrics.mark_worker_dead(worker.pid)
+    cause = metrics.exit_cause(not server.LISTENERS, len(server.WORKERS), server.num_workers)
+    metrics.mark_worker_dead(worker.pid, cause)

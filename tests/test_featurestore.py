@@ -1,9 +1,13 @@
 """The feature store against real memcached servers: serde, keys, sharding, counters, faults."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import deque
+
+import pymemcache.serde
+from pymemcache.client.base import Client
 
 from bidder.featurestore import FeatureStore, UserFeatures, frequency_key, parse_servers, user_key
 from bidder.memcached_proc import EmbeddedMemcached
@@ -137,3 +141,60 @@ def test_impressions_billed_while_memcached_is_down_are_counted_when_it_returns(
             bids.lookup([user_key("u-outage")], [key], 1.0)
         assert not kept
         assert bids.lookup([user_key("u-outage")], [key], 1.0)[1] == {key: 4}
+
+
+def test_a_unix_socket_server_is_seeded_and_read_like_a_tcp_one():
+    """`--memcached unix:PATH` (a co-located memcached): the seeder and the bid path agree."""
+    with EmbeddedMemcached(memory_mb=16, unix_socket=True) as mc:
+        assert mc.address.startswith("unix:/") and parse_servers(mc.address) == [mc.socket_path]
+        assert seed_users(mc.address, 50, progress=False) == 50
+        store = store_for(mc.address)
+        key = frequency_key("c1", user_key(world.user_id(7)))
+        store.count_impression(key, 60)
+        features, counters = store.lookup([user_key("nobody"), user_key(world.user_id(7))],
+                                          [key], 1.0)
+        assert features.segments == list(world.user_segments(7)) and counters == {key: 1}
+        assert store.status()["ok"] is True
+    features, counters = store.lookup([user_key(world.user_id(7))], [key], 1.0)  # stopped
+    assert features == UserFeatures() and counters is None and store.status()["ok"] is False
+
+
+def test_unix_addresses_are_made_absolute_and_need_a_path():
+    assert parse_servers("unix:relative/mc.sock") == [os.path.abspath("relative/mc.sock")]
+    with pytest.raises(ValueError, match="unix:PATH"):
+        parse_servers("unix:")
+
+
+def test_values_larger_than_one_read_and_many_keys_are_read_whole(memcached):
+    store = store_for(memcached.address)
+    big = UserFeatures(list(range(40_000)))  # ~120 KB of msgpack: several recv calls
+    keys = [user_key(f"big-{n}") for n in range(3)]
+    for key in keys:
+        store.shard_of(key).client.set(key, big)
+    found = store.shard_of(keys[0]).client.get_many(keys + [user_key("absent")])
+    assert found == {key: big for key in keys}
+    assert store.lookup([user_key("absent"), keys[1]], [], 1.0)[0] == big
+
+
+def test_flags_are_pymemcache_serdes_and_old_counters_still_count(memcached):
+    """Counters carry pymemcache.serde.FLAG_INTEGER, so a stock client reads them as ints;
+    counters written by earlier versions (flag 1) still count toward the cap."""
+    store = store_for(memcached.address)
+    key = frequency_key("c1", user_key("flag-user"))
+    store.count_impression(key, 60)
+    stock = Client(parse_servers(memcached.address)[0], serde=pymemcache.serde.pickle_serde)
+    assert stock.get(key) == 1
+    legacy = frequency_key("c2", user_key("flag-user"))
+    stock.set(legacy, b"4", flags=1, noreply=False)
+    assert store.lookup([user_key("flag-user")], [key, legacy], 1.0)[1] == {key: 1, legacy: 4}
+
+
+def test_a_bug_raises_and_does_not_mark_the_server_down(memcached):
+    """Only what a server or the network does is a fault: a key that is no memcached key (a
+    bug of ours) raises, and the server's other users keep their features."""
+    store = store_for(memcached.address)
+    with pytest.raises(ValueError, match="not memcached keys"):
+        store.lookup(["u:with space"], [], 1.0)
+    assert store.last_error is None and not any(s.down_until for s in store.shards.values())
+    assert store.lookup([user_key(world.user_id(3))], [], 1.0)[0].segments == \
+        list(world.user_segments(3))
