@@ -14,8 +14,7 @@ from xml.sax.saxutils import escape, quoteattr
 INLINE_PROTOCOLS = {1: "1.0", 2: "2.0", 3: "3.0", 7: "4.0", 11: "4.1", 13: "4.2"}
 # VAST 1.0 wrappers (code 4) had another structure (VASTAdTagURL): not built
 WRAPPER_PROTOCOLS = {5: "2.0", 6: "3.0", 8: "4.0", 12: "4.1", 14: "4.2"}
-ALL_PROTOCOLS = {**INLINE_PROTOCOLS, 4: "1.0", **WRAPPER_PROTOCOLS}
-LINEAR, NON_LINEAR = 1, 2
+NON_LINEAR = 2  # imp.video.linearity: overlay ads (catalog video creatives are linear)
 AD_SYSTEM = "bidder"
 
 
