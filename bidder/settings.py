@@ -50,6 +50,7 @@ SETTINGS: tuple[Setting, ...] = (
             "and holds the GIL, so 1 keeps one request per pinned core; keep-alive connections "
             "wait in the worker's poller, not in a thread.", type=number(int, 1)),
     _HOOKS["offload_paths"],
+    _HOOKS["fast_path"],
     Setting("keepalive", "--keepalive", 30, "Seconds an idle keep-alive connection is held open.",
             type=number(int, 0)),
     Setting("worker_connections", "--worker-connections", 1000,

@@ -89,6 +89,11 @@ SETTINGS: tuple[Setting, ...] = (
             "instead of being handled inline with --threads 1: win and billing notices write "
             "the SQLite ledger (fsync, lock waits), which must not hold up bids. Empty: none.",
             metavar="PREFIX,..."),
+    Setting("fast_path", "--fast-path", True, "With --threads 1, answer plain HTTP/1.x requests "
+            "(GET or POST with Content-Length, no Expect, Upgrade or chunked body) on the worker's "
+            "own short path: one recv, one send, no blocking-mode toggles; anything else goes to "
+            "Gunicorn's parser. --no-fast-path sends every request through Gunicorn's parser "
+            "(the same answers, more CPU: for comparison).", type=boolean, boolean=True),
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.",
             type=number(int, 1)),

@@ -1,53 +1,31 @@
-"""A gthread worker that shares keep-alive connections evenly with its siblings.
+"""Dispatch: a gthread worker that balances connections, waits for whole requests and answers
+the plain ones on its own short path.
 
-Plain Gunicorn workers race on ``accept`` on the shared listener: whichever
-wakes first takes the connection, and one worker often ends up with most of an
-exchange's long-lived keep-alive connections. Unpinned, the kernel moves the
-busy worker around; pinned, its neighbours idle while its queue grows.
+:class:`BalancedThreadWorker` is Gunicorn's gthread worker with four jobs added, each in its
+own module:
 
-:class:`BalancedThreadWorker` keeps the listener registered only while it holds
-no more open connections than its least-loaded live sibling. Counts live in a
-shared-memory :class:`~server_hooks.slots.ConnectionBoard` (one cell per slot,
-written on every change of ``nr_conns``), so the decision needs no messages.
-The true least-loaded worker always sees itself eligible (a count is published
-the moment it grows, so a stale cell can only look busier than it is), so the
-listener is never orphaned for longer than :data:`RECHECK_S`, the poll interval
-of a worker waiting for its turn. Connections therefore differ by at most one
-between workers.
+- connection balancing (:mod:`server_hooks.balance`): the listener is registered only while
+  this worker holds no more connections than its least-loaded sibling;
+- request framing (:mod:`server_hooks.framing`): with ``--threads 1`` (the default) a request
+  is handled inline, in the poller's thread, and only once it is entirely in the kernel's
+  buffer, so a stalled client blocks no one (answered 408 after ``ARRIVAL_S``);
+- the fast path (:mod:`server_hooks.fastpath`): a plain request is read with one ``recv``,
+  answered by the app and written with one ``send``, the socket staying non-blocking and
+  registered in the poller; anything else goes to Gunicorn's parser as before;
+- dispatch (here): which path a request takes, in which order, and the connection's life.
 
-Gating accepts cannot fix connections taken before a sibling existed (a worker
-still booting, a replacement after ``kill -9``): a worker holding two or more
-connections above the least-loaded sibling answers its next request with
-``Connection: close`` (one connection at a time), and the client's reconnect
-lands on the sibling. Without a slot (hooks not installed) or with one worker
-it behaves exactly like gthread.
+The peek that checks a request's arrival also reads the kernel's receive timestamp of its
+first bytes (``SO_TIMESTAMPNS``), and that is the arrival the app measures ``tmax`` from
+(``READY_AT`` in the WSGI environ): a request that waited in the socket buffer while the
+worker was busy with others has that wait counted. The connections found readable by one poll
+are served in the order of those timestamps, oldest first, not in the poller's order.
 
-With ``--threads 1`` (the default) a request is handled inline, in the poller's
-thread, and nothing else of the worker runs meanwhile: a parser waiting for a
-stalled client's bytes would hold every other connection's request past its
-``tmax``. So a connection is handed to the parser only once its next request
-is entirely in the kernel's socket buffer: one ``MSG_PEEK`` recv and a few
-``bytes.find`` calls (:func:`arrival`) check for the end of the headers and of
-the body (``Content-Length``, or the last chunk of a chunked body), about 1.5 us
-per request. A partial request (a client stalled mid-headers or mid-body, a
-lossy link) is read into the parser's buffer as its bytes come
-and waits in the poller, costing no other connection anything; one still
-incomplete :data:`ARRIVAL_S` after it was first seen is answered 408 and
-closed. ``Expect: 100-continue`` gets its ``100 Continue`` while waiting (the
-client sends the body only after it). Framing no more bytes can fix (a bad
-length or chunk, a body announced over the limit, a Transfer-Encoding not ending
-in chunked) is answered 400 or 413 by this check and closed, since a parser
-would wait for it; a head over Gunicorn's limits goes to the parser, which
-rejects it from the bytes at hand. Requests whose path starts with one of the app's
-``offload_paths`` (the bidder's win and billing notices, which write its
-SQLite ledger) go to gthread's pool thread instead, so their disk writes and
-lock waits never hold up the bids behind them.
+Requests whose path starts with one of the app's ``offload_paths`` (the bidder's win and
+billing notices, which write its SQLite ledger) go to gthread's pool thread instead, so their
+disk writes and lock waits never hold up the bids behind them.
 
-The same peek reads the kernel's receive timestamp of the request's first bytes
-(``SO_TIMESTAMPNS``), and that is the arrival the app measures ``tmax`` from
-(``bidder.ready_at``): a request that waited in the socket buffer while the
-worker was busy with others (a slow memcached, a burst) has that wait counted,
-so the bid path skips its look-up or answers no-bid instead of answering late.
+With ``--threads`` above 1 the worker is gthread with balancing only. Settings are read from the
+app duck-typed (``self.app.settings``): ``max_body_bytes``, ``offload_paths``, ``fast_path``.
 """
 from __future__ import annotations
 
@@ -59,140 +37,33 @@ import time
 from collections import deque
 from concurrent import futures
 from functools import partial
+from operator import itemgetter
 
-from gunicorn.workers.gthread import TConn, ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from server_hooks import metrics
+from server_hooks.balance import RECHECK_S, Balancer
 from server_hooks.environ import READY_AT
+from server_hooks.fastpath import FastPath, Request
+from server_hooks.framing import (ARRIVAL_S, CONTINUE_100, REFUSALS, REFUSED_STATUS,
+                                  SO_TIMESTAMPNS, TIMEOUT_408, TIMESTAMP_SPACE, Arrival, arrival,
+                                  kernel_arrival)
 from server_hooks.slots import ConnectionBoard
 
-# Linux: receive timestamps (struct timespec, CLOCK_REALTIME) of the bytes at the head of a
-# socket's queue, delivered with recvmsg even when peeking (not in Python's socket module).
-SO_TIMESTAMPNS = 35
-TIMESTAMP_SPACE = socket.CMSG_SPACE(16)
-MAX_QUEUED_S = 60.0  # an age past this (or negative) is a clock step, not a queue: ignored
-
-# Kernel send/receive timeouts while a request is handled inline: a backstop, as a request
-# reaches the parser only once whole (see arrival()); it bounds sending the answer to a client
-# that does not read it, since nothing else of the worker runs meanwhile.
+# Kernel send/receive timeouts of a client socket: a backstop, as a request is handled only
+# once whole; it bounds sending an answer to a client that does not read it (Gunicorn's path
+# writes in blocking mode; the fast path only when the send buffer is full).
 IO_STALL_S = 1
-
-# A request must have arrived entirely within this of its first bytes being seen, or its
-# connection is answered 408 and closed (it waits in the poller meanwhile, blocking nothing).
-ARRIVAL_S = 3.0
 
 # One MSG_PEEK of this much sees any ordinary request whole; a larger one is read in pieces.
 PEEK_BYTES = 65536
 HEAD_PEEK = 256  # bytes kept of a request's start: its method and path, for offloading
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
-# What arrival() finds at the head of a connection's bytes.
-READY = 0  # a whole request (or bytes the parser rejects at once): handle it
-MORE = 1  # part of a request: wait for the rest
-CONTINUE = 2  # a whole head with "Expect: 100-continue": wait for the body after a 100
-GONE = 3  # the peer closed or reset the connection
-MALFORMED = 4  # framing that can never make a request (bad length or chunk): 400 and close
-TOO_LARGE = 5  # a body announced or framed over the limit: 413 and close
-
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
-TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n"
-               b"\r\n")
-
-
-def _refusal(status: bytes, message: bytes) -> bytes:
-    body = b'{"error": "' + message + b'"}'
-    return (b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Type: application/json"
-            b"\r\nContent-Length: " + b"%d" % len(body) + b"\r\n\r\n" + body)
-
-
-REFUSED_STATUS = {MALFORMED: "400", TOO_LARGE: "413"}
-
-# Answered by the arrival check itself: handing such bytes to the parser would have it wait,
-# in the worker's only thread, for a body that cannot come right.
-REFUSALS = {
-    MALFORMED: _refusal(b"400 Bad Request", b"malformed request framing: a Content-Length that "
-                        b"is not a number, a bad chunk size or chunk end, or a Transfer-Encoding "
-                        b"not ending in chunked (RFC 9112 6)"),
-    TOO_LARGE: _refusal(b"413 Content Too Large", b"request body over this server's limit "
-                        b"(--max-body-bytes)"),
-}
-
-# How often a worker that is not accepting re-reads the board: the longest a new connection
-# can wait in the backlog when the worker whose turn it is has just become eligible.
-RECHECK_S = 0.005
-
-
-def arrival(data: bytes, head_limit: int, body_limit: int) -> int:
-    """Whether ``data``, a connection's bytes so far, begins with a whole HTTP/1.x request:
-    :data:`READY`, :data:`MORE` or :data:`CONTINUE`; :data:`MALFORMED` or :data:`TOO_LARGE`
-    for framing no more bytes can fix (a bad length or chunk, a body over ``body_limit``).
-    Only framing is checked: a head over ``head_limit`` is READY, as the parser rejects it
-    from the bytes at hand. Later pipelined requests are not looked at."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return READY if len(data) >= head_limit or b"\n\n" in data else MORE
-    head = data[:end].lower()
-    start = end + 4
-    coding = _field(head, b"\ntransfer-encoding:")
-    if coding is not None:
-        if not coding.endswith(b"chunked"):
-            return MALFORMED  # RFC 9112 6.3: a request's length must then be refused
-        state = _chunked_arrival(data, start, body_limit)
-    else:
-        length = _field(head, b"\ncontent-length:")
-        if length is None:
-            return READY  # no body
-        if not length.isdigit():
-            return MALFORMED
-        size = int(length)
-        if size > body_limit:
-            return TOO_LARGE
-        state = READY if len(data) - start >= size else MORE
-    if state > CONTINUE:
-        return state
-    if state == MORE and len(data) == start \
-            and head[:head.find(b"\r\n")].endswith(b"http/1.1") \
-            and _field(head, b"\nexpect:") == b"100-continue":
-        return CONTINUE  # HTTP/1.0 clients send the body without waiting (RFC 9110 10.1.1)
-    return state
-
-
-def _field(head: bytes, name: bytes) -> bytes | None:
-    """The stripped value of the first ``name`` header in a lower-cased head, or None."""
-    at = head.find(name)
-    if at < 0:
-        return None
-    at += len(name)
-    end = head.find(b"\r\n", at)
-    return head[at:end if end >= 0 else len(head)].strip()
-
-
-def _chunked_arrival(data: bytes, at: int, body_limit: int) -> int:
-    """Whether the chunked body starting at ``data[at]`` has arrived up to its trailer's end."""
-    start = at
-    while True:
-        line = data.find(b"\r\n", at)
-        if line < 0:
-            partial = data[at:at + 1024]
-            if len(partial) == 1024 or (b";" not in partial
-                                        and partial.strip(b"0123456789abcdefABCDEF \t\r")):
-                return MALFORMED  # no chunk-size line is that long, or starts that way
-            return MORE
-        digits = data[at:line].split(b";", 1)[0].strip(b" \t")
-        if not digits or digits.strip(b"0123456789abcdefABCDEF"):
-            return MALFORMED
-        size = int(digits, 16)
-        if size == 0:  # last chunk, then trailer fields, then an empty line
-            if data.startswith(b"\r\n", line + 2) or data.find(b"\r\n\r\n", line) >= 0:
-                return READY
-            return MORE if len(data) - line < 8192 else MALFORMED
-        at = line + 2 + size + 2
-        if at - start > body_limit:
-            return TOO_LARGE
-        if at > len(data):
-            return MORE
-        if data[at - 2:at] != b"\r\n":
-            return MALFORMED  # chunk data not followed by its CRLF
+# A connection closed after its answer lingers this long for the client's FIN (RFC 9112 9.6:
+# closing with unread input would reset it and can destroy the answer), in the poller.
+CLOSE_LINGER_S = 2.0
+CLOSE_DRAIN_BYTES = 65536
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -200,17 +71,19 @@ class BalancedThreadWorker(ThreadWorker):
 
     slot: int | None = None  # set by the master's pre_fork hook
     board: ConnectionBoard | None = None  # idem, shared by all workers of the master
-    _joined = False
+    _balancer: Balancer | None = None
     _conns = 0
-    _shed_at: int | None = None  # nr_conns when the last shed was decided: one in flight
     _checked_at: int | None = None  # nr_conns when eligibility was last decided
     _gated = False  # requests wait in the poller until whole (--threads 1, see _gate_requests)
+    _fast: FastPath | None = None  # the fast path, when the configuration allows it
     _offload: tuple = ()  # path prefixes handled in the thread pool (see _dispatch)
     _keepalive_full = False  # the keep-alive limit was reached (logged once)
     _refused = 0  # malformed requests refused since the last log line
     _refusal_logged_at = float("-inf")
     _arriving: deque | tuple = ()  # empty unless gated
     _continued: set | frozenset = frozenset()  # idem
+    _idle: dict | tuple = ()  # fast path: kept-alive connections, by expiry (empty unless fast)
+    _closing: deque | tuple = ()  # fast path: closed connections awaiting the client's FIN
 
     @property  # type: ignore[override]
     def nr_conns(self) -> int:
@@ -220,14 +93,12 @@ class BalancedThreadWorker(ThreadWorker):
     def nr_conns(self, value: int) -> None:
         # gthread changes nr_conns on accept and close; publish every change at once.
         self._conns = value
-        if self._joined:
-            self.board.set(self.slot, value)
+        if self._balancer is not None:
+            self._balancer.publish(value)
 
     def run(self) -> None:
-        if self.board is not None and self.slot is not None and self.board.covers(self.slot):
-            self._joined = True
-            self.board.set(self.slot, self._conns)
-        else:
+        self._balancer = Balancer(self.board, self.slot)
+        if not self._balancer.join(self._conns):
             self.log.warning("worker pid=%s has no connection board slot (server_hooks.hooks not "
                              "installed?): accepting without balancing", self.pid)
         if self.cfg.threads <= 1:
@@ -236,14 +107,15 @@ class BalancedThreadWorker(ThreadWorker):
         try:
             super().run()
         finally:
-            self._leave()
+            self._balancer.leave()
 
     def _stamp_readiness(self) -> None:
-        """Give the app its request's arrival (``bidder.ready_at`` in the WSGI environ,
+        """Give the app its request's arrival (``READY_AT`` in the WSGI environ,
         ``time.monotonic()``): the kernel's receive time of its first bytes where the arrival
         check read it, else when the poller saw them. Requests handled one after another waited
         for each other, and that wait counts against the exchange's ``tmax``."""
         select, app = self.poller.select, self.wsgi
+        self._app = app
         self._ready_at = time.monotonic()
         self._request_arrived_at: float | None = None
 
@@ -262,7 +134,8 @@ class BalancedThreadWorker(ThreadWorker):
 
     def _gate_requests(self) -> None:
         """Size the arrival check: the largest head Gunicorn's limits allow, and the largest
-        body the app takes (``max_body_bytes``, plus slack for gzip and chunk framing)."""
+        body the app takes (``max_body_bytes``, plus slack for gzip and chunk framing); set up
+        the fast path unless the app's ``fast_path`` setting is off."""
         cfg = self.cfg
         self._gated = not cfg.is_ssl  # TLS bytes cannot be peeked at
         # 0 means "unlimited" to Gunicorn; the line and field sizes are then its maxima.
@@ -275,29 +148,42 @@ class BalancedThreadWorker(ThreadWorker):
         self._head: bytes = b""  # the first bytes of the request being checked
         self._body_limit = body + body // 8 + 1024
         self._window = self._head_limit + self._body_limit
-        self._arriving: deque = deque()  # connections with a partial request, oldest first
+        self._arriving = deque()  # connections with a partial request, oldest first
         self._arrived_at: float | None = None  # kernel arrival of the request being peeked at
-        self._continued: set = set()  # connections sent a 100 Continue by this worker
+        self._continued = set()  # connections sent a 100 Continue by this worker
+        if self._gated and getattr(settings, "fast_path", True) and FastPath.usable(cfg):
+            self._fast = FastPath(cfg, self._app, self.log, body)
+            self._idle = {}
+            self._ready: list = []  # connections found readable by this poll
+            self._closing = deque()
+            self._scratch = bytearray(PEEK_BYTES)  # where a request's bytes are read to
 
     def set_accept_enabled(self, enabled: bool) -> None:
-        if enabled and self._joined and self.board.any_below(self._conns):
+        if enabled and not self._balancer.may_accept(self._conns):
             enabled = False
         self._checked_at = self._conns
         super().set_accept_enabled(enabled)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
-        if self._joined:
+        if self._balancer.joined:
             if not self.alive:
-                self._leave()  # stopping: siblings must not wait for this worker's turn
+                self._balancer.leave()  # stopping: siblings must not wait for this worker's turn
             elif not self._accepting or self._conns != self._checked_at:
                 # While accepting with an unchanged count the answer can only be stale in
                 # this worker's disfavour by one connection, which the next accept re-checks.
                 self.set_accept_enabled(self._conns < self.worker_connections)
                 if not self._accepting:
                     timeout = min(timeout, RECHECK_S)
+        now = time.monotonic()
         if self._arriving:
-            timeout = min(timeout, max(0.0, self._arriving[0].timeout - time.monotonic()))
+            timeout = min(timeout, max(0.0, self._arriving[0].timeout - now))
+        if self._closing:
+            timeout = min(timeout, max(0.0, self._closing[0].timeout - now))
+        if self._idle and not self.alive:  # stopping: kept-alive connections linger briefly
+            timeout = min(timeout, max(0.0, next(iter(self._idle)).timeout - now))
         super().wait_for_and_dispatch_events(timeout)
+        if self._fast is not None and self._ready:
+            self._serve_ready()
         if self._arriving:
             self._expire_arriving()
 
@@ -325,21 +211,35 @@ class BalancedThreadWorker(ThreadWorker):
             client_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
         conn.timeout = time.monotonic() + self.cfg.keepalive
+        if self._fast is not None:
+            self._idle[conn] = None
+            self.poller.register(client_sock, selectors.EVENT_READ,
+                                 partial(self._on_readable, conn))
+            return
         self.pending_conns.append(conn)
         self.poller.register(client_sock, selectors.EVENT_READ,
                              partial(self.on_pending_socket_readable, conn))
 
     def enqueue_req(self, conn) -> None:
+        """A connection Gunicorn's poller found readable (it is no longer registered)."""
         if not self._gated:
             return super().enqueue_req(conn) if self.cfg.threads > 1 else self._handle_inline(conn)
-        self._arrived_at = None
         buffered = conn.parser is not None and conn.parser.unreader.buf.tell()
-        state = MORE if buffered else self._peek(conn)  # read-ahead: the rest may be anywhere
-        if state == MORE or state == CONTINUE:
-            state = self._collect(conn)
-        if state == READY:
+        if self._fast is not None and not buffered:
+            # Back from Gunicorn's path: served with the others of this poll, in their order.
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+            self._ready.append(conn)
+            return
+        self._arrived_at = None
+        self._settle(conn, Arrival.MORE if buffered else self._peek(conn))
+
+    def _settle(self, conn, state: Arrival) -> None:
+        """Act on the arrival ``state`` of ``conn``'s next request on Gunicorn's path."""
+        if state == Arrival.MORE or state == Arrival.CONTINUE:
+            state = self._collect(conn)  # read-ahead: the rest may be anywhere
+        if state == Arrival.READY:
             self._dispatch(conn, self._arrived_at)
-        elif state == GONE:
+        elif state == Arrival.GONE:
             self._drop(conn)
         elif state in REFUSALS:
             self._refuse(conn, state)
@@ -350,26 +250,22 @@ class BalancedThreadWorker(ThreadWorker):
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self._on_arriving_readable, conn))
 
-    def _peek(self, conn) -> int:
-        """The fast path: the state of the request in the kernel's buffer, without reading it,
-        and when its first bytes arrived (kept as the request's arrival)."""
+    def _peek(self, conn) -> Arrival:
+        """The state of the request in the kernel's buffer, without reading it, and when its
+        first bytes arrived (kept as the request's arrival)."""
         try:
             data, ancillary, _, _ = conn.sock.recvmsg(PEEK_BYTES, TIMESTAMP_SPACE, PEEK)
         except BlockingIOError:
-            return MORE
+            return Arrival.MORE
         except OSError:
-            return GONE
+            return Arrival.GONE
         if not data:
-            return GONE
+            return Arrival.GONE
         self._head = data[:HEAD_PEEK]
-        if ancillary:
-            seconds, nanoseconds = struct.unpack_from("ll", ancillary[0][2])
-            queued = time.time() - seconds - nanoseconds * 1e-9
-            if 0.0 <= queued < MAX_QUEUED_S:
-                self._arrived_at = time.monotonic() - queued
+        self._arrived_at = kernel_arrival(ancillary)
         return arrival(data, self._head_limit, self._body_limit)
 
-    def _collect(self, conn) -> int:
+    def _collect(self, conn) -> Arrival:
         """Move what the kernel holds into the parser's buffer (where the parser will read it
         first) and return the state of the request there; sends the 100 a client awaits."""
         if not conn.initialized:
@@ -384,7 +280,7 @@ class BalancedThreadWorker(ThreadWorker):
             except BlockingIOError:
                 break
             except OSError:
-                return GONE
+                return Arrival.GONE
             if not chunk:
                 closed = True
                 break
@@ -392,25 +288,25 @@ class BalancedThreadWorker(ThreadWorker):
         data = buf.getvalue()
         self._head = data[:HEAD_PEEK]
         state = arrival(data, self._head_limit, self._body_limit)
-        if (state == MORE or state == CONTINUE) and len(data) >= self._window:
-            state = READY  # more than a valid request can be: the parser rejects it
-        if closed and state != READY:
-            return GONE
-        if state == CONTINUE and conn not in self._continued:
+        if (state == Arrival.MORE or state == Arrival.CONTINUE) and len(data) >= self._window:
+            state = Arrival.READY  # more than a valid request can be: the parser rejects it
+        if closed and state != Arrival.READY:
+            return Arrival.GONE
+        if state == Arrival.CONTINUE and conn not in self._continued:
             try:
                 conn.sock.send(CONTINUE_100, socket.MSG_DONTWAIT)
             except OSError:
-                return GONE
+                return Arrival.GONE
             self._continued.add(conn)
         return state
 
     def _on_arriving_readable(self, conn, client) -> None:
         state = self._collect(conn)
-        if state == MORE or state == CONTINUE:
+        if state == Arrival.MORE or state == Arrival.CONTINUE:
             return  # still partial: stay in the poller
         self.poller.unregister(client)
         self._arriving.remove(conn)
-        if state == READY:
+        if state == Arrival.READY:
             conn.data_ready = True
             self._dispatch(conn, conn.arrived_at)
         elif state in REFUSALS:
@@ -431,7 +327,7 @@ class BalancedThreadWorker(ThreadWorker):
                 pass
             self._drop(conn)
 
-    def _refuse(self, conn, state: int) -> None:
+    def _refuse(self, conn, state: Arrival) -> None:
         """Answer framing no bytes can fix, and close: the rest of the request is unknown.
         Logged at most once a second (a hostile peer must not flood the log)."""
         self._refused += 1
@@ -469,8 +365,8 @@ class BalancedThreadWorker(ThreadWorker):
         self._handle_inline(conn, arrived_at)
 
     def _handle_inline(self, conn, arrived_at: float | None = None) -> None:
-        """Handle ``conn``'s request now; ``arrived_at``: when the kernel received its first
-        bytes (None: unknown, the poller's stamp stands)."""
+        """Handle ``conn``'s request now on Gunicorn's path; ``arrived_at``: when the kernel
+        received its first bytes (None: unknown, the poller's stamp stands)."""
         self._request_arrived_at = arrived_at
         done: futures.Future = futures.Future()
         try:
@@ -481,24 +377,174 @@ class BalancedThreadWorker(ThreadWorker):
             self._continued.discard(conn)  # a request that failed before handle_request
         self.finish_request(conn, done)
 
-    def handle_request(self, req, conn):
-        if len(self.keepalived_conns) >= self.max_keepalived and not self._keepalive_full:
-            self._keepalive_full = True  # said once: gthread now closes after every answer
+    def _keepalive_full_now(self) -> bool:
+        """Whether kept-alive connections are at the limit (--worker-connections less
+        --threads): answers then close their connection. Said once in the log."""
+        if len(self.keepalived_conns) + len(self._idle) < self.max_keepalived:
+            return False
+        if not self._keepalive_full:
+            self._keepalive_full = True
             self.log.warning("worker pid=%s holds %d keep-alive connections, its limit "
                              "(--worker-connections less --threads): new answers close their "
                              "connection; raise --worker-connections or add workers",
-                             self.pid, len(self.keepalived_conns))
-        conns = self._conns
-        if self._joined and conns >= 2 and conns != self._shed_at \
-                and self.board.any_below(conns - 1):
-            self._shed_at = conns  # a sibling holds two fewer: hand this connection over
-            req.must_close = True  # "Connection: close": the client reconnects elsewhere
+                             self.pid, len(self.keepalived_conns) + len(self._idle))
+        return True
+
+    def handle_request(self, req, conn):
+        if self._keepalive_full_now() or self._balancer.should_shed(self._conns):
+            req.must_close = True  # "Connection: close": the client reconnects (elsewhere)
         if self._continued and conn in self._continued:
             self._continued.discard(conn)
             req._expected_100_continue = False  # this worker sent the 100 while the body came
         return super().handle_request(req, conn)
 
-    def _leave(self) -> None:
-        if self._joined:
-            self._joined = False
-            self.board.clear(self.slot)
+    # --- the fast path: connections stay registered and non-blocking -------------------------
+
+    def _on_readable(self, conn, client) -> None:
+        self._idle.pop(conn, None)
+        self._ready.append(conn)
+
+    def _serve_ready(self) -> None:
+        """Serve the connections this poll found readable, oldest request first."""
+        ready, self._ready = self._ready, []
+        peeked = []
+        for conn in ready:
+            try:
+                data, ancillary, _, _ = conn.sock.recvmsg(PEEK_BYTES, TIMESTAMP_SPACE, PEEK)
+            except BlockingIOError:
+                self._idle[conn] = None  # nothing there after all
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.poller.unregister(conn.sock)
+                self._drop(conn)
+                continue
+            arrived = kernel_arrival(ancillary)
+            peeked.append((self._ready_at if arrived is None else arrived, conn, data))
+        if len(peeked) > 1:
+            peeked.sort(key=itemgetter(0))
+        for arrived, conn, data in peeked:
+            self._serve(conn, data, arrived)
+
+    def _serve(self, conn, data: bytes, arrived: float) -> None:
+        """Answer the request at the start of ``data`` (peeked from ``conn``) on the fast path
+        if it is whole and plain, else hand the connection to Gunicorn's path."""
+        request = None
+        if not (self._offload and data[data.find(b" "):].startswith(self._offload)):
+            request = self._fast.parse(data, conn.client, conn.server)
+        if request is None:
+            self.poller.unregister(conn.sock)
+            self._head = data[:HEAD_PEEK]
+            self._arrived_at = arrived
+            self._settle(conn, arrival(data, self._head_limit, self._body_limit))
+            return
+        try:  # the bytes are in the kernel's buffer: this takes exactly the request's share
+            taken = conn.sock.recv_into(self._scratch, request.size)
+        except OSError:
+            taken = -1
+        if taken != request.size:
+            self.poller.unregister(conn.sock)
+            self._drop(conn)
+            return
+        request.environ[READY_AT] = arrived
+        self._answer(conn, request)
+
+    def _answer(self, conn, request: Request) -> None:
+        """Call the app, send its answer, keep or close the connection."""
+        close = request.close or not self.alive or not self.cfg.keepalive \
+            or self._keepalive_full_now() or self._balancer.should_shed(self._conns)
+        self.nr += 1
+        if self.nr >= self.max_requests:
+            if self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            close = True
+        try:
+            data = self._fast.respond(request, conn.sock, close).data
+        except Exception as exc:  # as on Gunicorn's path: a 500, logged, and the connection closes
+            data, close = self._fast.internal_error(request, exc), True
+        if not self._send(conn.sock, data):
+            self.poller.unregister(conn.sock)
+            self._drop(conn)
+        elif close:
+            self._close(conn)
+        else:
+            now = time.monotonic()
+            conn.timeout = now + self.cfg.keepalive
+            if not self.alive:
+                conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
+            self._idle[conn] = None
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes) -> bool:
+        """Send ``data`` whole; False if the connection is gone. The socket stays
+        non-blocking; only when the client's window is full does the rest go out in blocking
+        mode, each wait bounded by the kernel's send timeout (IO_STALL_S)."""
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False
+        if sent == len(data):
+            return True
+        try:
+            sock.setblocking(True)
+            sock.sendall(memoryview(data)[sent:])
+            sock.setblocking(False)
+        except OSError:
+            return False
+        return True
+
+    def _close(self, conn) -> None:
+        """Close after an answer (RFC 9112 9.6): half-close, then let the connection linger in
+        the poller until the client's FIN or CLOSE_LINGER_S, draining what it still sends."""
+        self.nr_conns -= 1
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.poller.unregister(conn.sock)
+            conn.close()
+            return
+        conn.timeout = time.monotonic() + CLOSE_LINGER_S
+        conn.drained = 0
+        self._closing.append(conn)
+        self.poller.modify(conn.sock, selectors.EVENT_READ, partial(self._on_closing_readable, conn))
+
+    def _on_closing_readable(self, conn, client) -> None:
+        try:
+            data = client.recv(CLOSE_DRAIN_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or conn.drained > CLOSE_DRAIN_BYTES:
+            self._closing.remove(conn)
+            self.poller.unregister(client)
+            conn.close()
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        super().murder_keepalived(force)
+        if self._fast is None:
+            return
+        now = time.monotonic()
+        idle = self._idle
+        while idle:
+            conn = next(iter(idle))
+            if conn.timeout > now and not force:
+                break
+            del idle[conn]
+            self.poller.unregister(conn.sock)
+            self._drop(conn)
+        closing = self._closing
+        while closing and (force or closing[0].timeout <= now):
+            conn = closing.popleft()
+            self.poller.unregister(conn.sock)
+            conn.close()
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        super()._cap_keepalive(deadline)
+        for conn in self._idle:
+            conn.timeout = min(conn.timeout, deadline)

@@ -1,6 +1,6 @@
 """A client that stalls mid-request must not hold up the other connections of its worker: with
 ``--threads 1`` the balanced worker hands a connection to the parser only once its request is
-whole (``server_hooks.worker.arrival``). Real ``bidder serve`` with one worker, real sockets."""
+whole (``server_hooks.framing.arrival``). Real ``bidder serve`` with one worker, real sockets."""
 from __future__ import annotations
 
 import gzip
@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from server_hooks.worker import (ARRIVAL_S, CONTINUE, MALFORMED, MORE, READY, TOO_LARGE,
-                                 arrival)
+from server_hooks.framing import ARRIVAL_S, Arrival, arrival
 from tests.conftest import launch_server
 
 BODY = json.dumps({
@@ -179,38 +178,38 @@ def test_peer_gone_mid_request_leaves_the_worker_serving(server):
 
 def test_arrival_reads_the_framing():
     head, body = 200_000, 100_000
-    assert arrival(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", head, body) == READY
-    assert arrival(b"GET / HTTP/1.1\r\nHost: x\r\n", head, body) == MORE
-    assert arrival(HEAD + BODY, head, body) == READY
-    assert arrival(HEAD + BODY[:-1], head, body) == MORE
+    assert arrival(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", head, body) == Arrival.READY
+    assert arrival(b"GET / HTTP/1.1\r\nHost: x\r\n", head, body) == Arrival.MORE
+    assert arrival(HEAD + BODY, head, body) == Arrival.READY
+    assert arrival(HEAD + BODY[:-1], head, body) == Arrival.MORE
     assert arrival(HEAD.replace(b"Content-Length", b"cOnTeNt-LeNgTh") + BODY[:-1],
-                   head, body) == MORE
-    assert arrival(HEAD + BODY + HEAD, head, body) == READY  # the first request is whole
+                   head, body) == Arrival.MORE
+    assert arrival(HEAD + BODY + HEAD, head, body) == Arrival.READY  # the first request is whole
     expect = HEAD.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-Continue\r\n")
-    assert arrival(expect, head, body) == CONTINUE
-    assert arrival(expect.replace(b"HTTP/1.1", b"HTTP/1.0"), head, body) == MORE
+    assert arrival(expect, head, body) == Arrival.CONTINUE
+    assert arrival(expect.replace(b"HTTP/1.1", b"HTTP/1.0"), head, body) == Arrival.MORE
     chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert arrival(chunked.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"),
-                   head, body) == CONTINUE
-    assert arrival(chunked + b"5\r\nhello\r\n0\r\n\r\n", head, body) == READY
-    assert arrival(chunked + b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n", head, body) == READY
-    assert arrival(chunked + b"5\r\nhello\r\n0\r\n", head, body) == MORE
-    assert arrival(chunked + b"5\r\n0\r\n\r\n", head, body) == MORE  # "0\r\n\r\n" is data here
+                   head, body) == Arrival.CONTINUE
+    assert arrival(chunked + b"5\r\nhello\r\n0\r\n\r\n", head, body) == Arrival.READY
+    assert arrival(chunked + b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n", head, body) == Arrival.READY
+    assert arrival(chunked + b"5\r\nhello\r\n0\r\n", head, body) == Arrival.MORE
+    assert arrival(chunked + b"5\r\n0\r\n\r\n", head, body) == Arrival.MORE  # "0\r\n\r\n" is data here
     # a head over the limit goes to the parser, which rejects it from the bytes at hand
-    assert arrival(b"GET /" + b"a" * head, head, body) == READY
+    assert arrival(b"GET /" + b"a" * head, head, body) == Arrival.READY
     # framing no more bytes can fix is refused by the check itself: the parser would wait
-    assert arrival(HEAD.replace(b"%d" % len(BODY), b"x1"), head, body) == MALFORMED
-    assert arrival(HEAD.replace(b"%d" % len(BODY), b"-1"), head, body) == MALFORMED
-    assert arrival(HEAD.replace(b"%d" % len(BODY), b"%d" % (body + 1)), head, body) == TOO_LARGE
-    assert arrival(chunked + b"zz\r\n", head, body) == MALFORMED
-    assert arrival(chunked + b"\x1f\x8b\x08", head, body) == MALFORMED  # gzip bytes, not chunks
-    assert arrival(chunked + b"1f", head, body) == MORE  # a size line still arriving
-    assert arrival(chunked + b"-2\r\n", head, body) == MALFORMED
-    assert arrival(chunked + b"0" * 1100, head, body) == MALFORMED  # a chunk-size line that long
-    assert arrival(chunked + b"%x\r\n{" % (body + 1), head, body) == TOO_LARGE
-    assert arrival(chunked + b"2\r\n{}XX0\r\n\r\n", head, body) == MALFORMED  # no CRLF
+    assert arrival(HEAD.replace(b"%d" % len(BODY), b"x1"), head, body) == Arrival.MALFORMED
+    assert arrival(HEAD.replace(b"%d" % len(BODY), b"-1"), head, body) == Arrival.MALFORMED
+    assert arrival(HEAD.replace(b"%d" % len(BODY), b"%d" % (body + 1)), head, body) == Arrival.TOO_LARGE
+    assert arrival(chunked + b"zz\r\n", head, body) == Arrival.MALFORMED
+    assert arrival(chunked + b"\x1f\x8b\x08", head, body) == Arrival.MALFORMED  # gzip bytes, not chunks
+    assert arrival(chunked + b"1f", head, body) == Arrival.MORE  # a size line still arriving
+    assert arrival(chunked + b"-2\r\n", head, body) == Arrival.MALFORMED
+    assert arrival(chunked + b"0" * 1100, head, body) == Arrival.MALFORMED  # a chunk-size line that long
+    assert arrival(chunked + b"%x\r\n{" % (body + 1), head, body) == Arrival.TOO_LARGE
+    assert arrival(chunked + b"2\r\n{}XX0\r\n\r\n", head, body) == Arrival.MALFORMED  # no CRLF
     identity = HEAD.replace(b"Host: x\r\n", b"Host: x\r\nTransfer-Encoding: identity\r\n")
-    assert arrival(identity, head, body) == MALFORMED  # RFC 9112 6.3
+    assert arrival(identity, head, body) == Arrival.MALFORMED  # RFC 9112 6.3
 
 
 @pytest.mark.parametrize("framing", [
