@@ -265,3 +265,24 @@ def test_health_ready_metrics_and_routing(server):
     assert status == 200 and b"bidder_bid_requests_total" in body
     assert server.request("GET", "/nope")[0] == 404
     assert server.request("GET", "/openrtb2/bid")[0] == 405
+
+
+def test_json_media_bodies_are_msgspec_and_a_bad_one_is_a_400(tmp_path):
+    """The app's JSON media handler (Falcon's msgspec recipe): compact UTF-8 out; an empty,
+    truncated or non-UTF-8 body in is a 400 naming the problem, never an uncaught error."""
+    import io
+
+    import falcon
+
+    from bidder.app import create_app
+    from bidder.settings import resolve
+    app = create_app(resolve(environ={}, memcached="none", ledger=str(tmp_path / "l.db")))
+    handler = app.req_options.media_handlers[falcon.MEDIA_JSON]
+    assert app.resp_options.media_handlers[falcon.MEDIA_JSON] is handler
+    assert handler.serialize({"status": "ok", "ü": 1.5}, falcon.MEDIA_JSON) == \
+        '{"status":"ok","ü":1.5}'.encode()
+    assert handler.deserialize(io.BytesIO(b'{"a": [1]}'), falcon.MEDIA_JSON, 10) == {"a": [1]}
+    for body, says in ((b"", "empty JSON body"), (b'{"a":', "truncated"), (b"\xff", "utf-8")):
+        with pytest.raises(falcon.HTTPBadRequest) as refused:
+            handler.deserialize(io.BytesIO(body), falcon.MEDIA_JSON, len(body))
+        assert says in refused.value.description
