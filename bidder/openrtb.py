@@ -220,8 +220,13 @@ class Decoded(NamedTuple):
     lenient: bool  # some number came as a string or an integral float (lax mode was needed)
 
 
-def decode_request(body: bytes) -> Decoded:
-    """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``.
+def decode_request(body: bytes) -> BidRequest:
+    """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``."""
+    return decode(body).request
+
+
+def decode(body: bytes) -> Decoded:
+    """``decode_request``, also saying whether the request needed lenient decoding.
 
     A leading UTF-8 byte order mark is skipped (RFC 8259 8.1: receivers may ignore it).
     Strict first (the common case pays nothing), then lax on a type error.

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from bidder import native, video
-from bidder.openrtb import InvalidRequest, Video, decode_request
+from bidder.openrtb import InvalidRequest, Video, decode, decode_request
 
 # Native 1.2 specification, section 6.1 "Social Context, Clickout Response": the request, typed
 # in from the spec (its curly quotes made straight, nothing else changed).
@@ -99,7 +99,7 @@ INLINE_VAST = ('<VAST version="3.0"><Ad id="a1"><InLine><AdSystem>x</AdSystem><A
 
 def parse(request) -> native.NativeRequest:
     imp = {"id": "1", "native": request}
-    return decode_request(json.dumps({"id": "r", "imp": [imp]}).encode()).request.imp[0].native.request
+    return decode_request(json.dumps({"id": "r", "imp": [imp]}).encode()).imp[0].native.request
 
 
 @pytest.mark.parametrize("name", sorted(SPEC_REQUESTS))
@@ -168,7 +168,7 @@ def test_bad_native_requests_are_refused_naming_the_imp(bad, says):
 def test_native_request_numbers_as_strings_are_lenient():
     body = json.dumps({"id": "r", "imp": [{"id": "1", "native": {"request": json.dumps(
         {"assets": [{"id": "3", "required": "1", "title": {"len": "90"}}]})}}]}).encode()
-    decoded = decode_request(body)
+    decoded = decode(body)
     assert decoded.lenient
     assert decoded.request.imp[0].native.request.assets[0].id == 3
 
@@ -224,14 +224,14 @@ def test_wrapper_takes_the_newest_version_both_accept_and_parses():
     {"id": "r", "imp": [{"id": "1", "bidfloor": "0.5", "banner": {"w": 300, "h": 250}}]},
 ])
 def test_integral_floats_and_numeric_strings_decode_leniently(body):
-    decoded = decode_request(json.dumps(body).encode())
+    decoded = decode(json.dumps(body).encode())
     assert decoded.lenient
     imp = decoded.request.imp[0]
     assert (imp.banner.w, imp.banner.h) == (300, 250) or imp.bidfloor == 0.5
 
 
 def test_strict_requests_are_not_counted_and_fractions_still_refused():
-    assert not decode_request(b'{"id":"r","imp":[{"id":"1","banner":{"w":300,"h":250}}]}').lenient
+    assert not decode(b'{"id":"r","imp":[{"id":"1","banner":{"w":300,"h":250}}]}').lenient
     with pytest.raises(msgspec.ValidationError, match=r"\$.imp\[0\].banner.w"):
         decode_request(b'{"id":"r","imp":[{"id":"1","banner":{"w":300.5,"h":250}}]}')
     with pytest.raises(InvalidRequest, match="bidfloor"):

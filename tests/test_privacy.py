@@ -62,7 +62,7 @@ def _allowed(regs: dict, user: dict | None = None) -> bool:
     request = {"id": "r", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}}], "regs": regs}
     if user is not None:
         request["user"] = user
-    return personal_data_allowed(decode_request(json.dumps(request).encode()).request)
+    return personal_data_allowed(decode_request(json.dumps(request).encode()))
 
 
 def test_request_rule_reads_gpp_beside_the_older_signals():
