@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         except (RuntimeError, TimeoutError) as exc:  # the message carries the server's log
             print(f"bidder demo: bidder serve did not start: {exc}", file=sys.stderr)
             return 1
-        ready = json.loads(harness.get(server.url + "/readyz")[1])
+        ready = json.loads(harness.get(server.admin_url + "/readyz")[1])
         model, store = ready["components"]["model"], ready["components"]["memcached"]
         say(f"ready: {ready['components']['catalog']['campaigns']} campaigns, model "
             f"{model.get('kind')} {model.get('version')}, memcached "
