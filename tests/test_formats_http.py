@@ -79,6 +79,10 @@ IAB_VIDEO_EXAMPLE = {
 }
 
 
+# these tests check what is bid: a loaded machine must not turn it into a deadline no-bid
+PATIENT = ("--workers", "1", "--default-tmax-ms", "2000")
+
+
 def write_catalog(path, data: dict) -> str:
     path.write_text(json.dumps(data))
     return str(path)
@@ -87,8 +91,9 @@ def write_catalog(path, data: dict) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("formats")
-    server = launch_server(workdir, "--workers", "1",
+    server = launch_server(workdir, *PATIENT,
                            "--campaigns", write_catalog(workdir / "catalog.json", catalog()))
+    server.bid({"id": "warm-up", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}}]})
     yield server
     server.stop()
 
@@ -173,7 +178,7 @@ def test_one_auction_scores_every_format_an_imp_offers(tmp_path):
     winners = {}
     for favoured, values in [("video", dict(banner_value=0.01, video_value=50.0)),
                              ("banner", dict(banner_value=50.0, video_value=0.01))]:
-        server = launch_server(tmp_path / favoured, "--workers", "1", "--campaigns",
+        server = launch_server(tmp_path / favoured, *PATIENT, "--campaigns",
                                write_catalog(tmp_path / f"{favoured}.json", catalog(**values)))
         try:
             winners[favoured] = only_bid(*server.bid(request))
@@ -203,10 +208,11 @@ def test_secure_imps_take_only_https_media(tmp_path):
     data = catalog()
     data["campaigns"][1]["creatives"][0]["vast"] = INLINE_VAST.replace(
         "https://cdn.cars.example", "http://cdn.cars.example")
-    server = launch_server(tmp_path / "s", "--workers", "1",
+    server = launch_server(tmp_path / "s", *PATIENT,
                            "--campaigns", write_catalog(tmp_path / "c.json", data))
     try:
         request = copy.deepcopy(IAB_VIDEO_EXAMPLE)
+        del request["tmax"]  # the server's patient default: a fresh server's first answer
         assert only_bid(*server.bid(request))["crid"] == "vid-inline"
         request["imp"][0]["secure"] = 1
         status, headers, _ = server.bid(request)
