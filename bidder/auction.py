@@ -531,7 +531,7 @@ class Auction:
         bid_id = os.urandom(8).hex()
         budgets = self.budgets
         if not budgets.reserve(int(camp[best]), bid_id, price, currency):
-            return NoBid(budgets.reason())
+            return NoBid(budgets.reason(int(camp[best])))
         nurl, burl, lurl = self.signer.urls(bid_id, imp.id, campaign.id, creative.id, identity,
                                             currency, r.test, price, budgets.holder)
         if creative.format == "video":

@@ -80,10 +80,15 @@ class Budgets:
             return self._all
         return self._all & ~self.leases.blocked
 
-    def reason(self) -> str:
-        """Why no budgeted campaign may bid: its budget is leased out, or pacing holds it."""
+    def reason(self, index: int | None = None) -> str:
+        """Why campaign ``index`` (None: every budgeted campaign left) may not bid: its budget
+        is leased out, or its lease is used up until a refill or the pacing line."""
         leases = self.leases
-        return "budget_exhausted" if leases.exhausted == leases.blocked else "budget_paced"
+        if index is not None:
+            return "budget_exhausted" if leases.exhausted >> index & 1 else "budget_paced"
+        blocked = leases.blocked
+        return "budget_exhausted" if blocked and leases.exhausted & blocked == blocked \
+            else "budget_paced"
 
     def reserve(self, index: int, bid_id: str, price: float, currency: str) -> bool:
         """Reserve the most a bid at ``price`` CPM in ``currency`` can be billed (the price

@@ -139,7 +139,8 @@ class BudgetLeases:
         self._open_ledger = open_ledger
         self._campaigns = {r.index: _Campaign(r) for r in rules}
         self._lock = threading.Lock()
-        self._reserved: dict[str, tuple[int, tuple[Slot, ...], float]] = {}
+        # bid id -> (cost, the slots it holds, when it expires, campaign index)
+        self._reserved: dict[str, tuple[int, tuple[Slot, ...], float, int]] = {}
         self.blocked = sum(1 << r.index for r in rules)  # nothing leased yet
         self.exhausted = 0  # of the blocked: those whose budget (not pacing) is used up
         self._wake = threading.Event()
@@ -174,7 +175,8 @@ class BudgetLeases:
             for slot in slots:
                 slot.pending += cost
                 slot.cost = cost
-            self._reserved[bid_id] = (cost, slots, time.monotonic() + self.settings.reservation_ttl_s)
+            self._reserved[bid_id] = (cost, slots,
+                                      time.monotonic() + self.settings.reservation_ttl_s, index)
             if any(slot.available < slot.low for slot in slots):
                 self._wake.set()  # below half a slice: refill now, not at the next tick
         return True
@@ -186,9 +188,12 @@ class BudgetLeases:
             held = self._reserved.pop(bid_id, None)
             if held is None:
                 return False
-            cost, slots, _ = held
+            cost, slots, _, index = held
             for slot in slots:
                 slot.pending -= cost
+            if all(slot.available >= max(slot.cost, 1) for slot in slots):
+                self.blocked &= ~(1 << index)  # it may bid again at once
+                self.exhausted &= ~(1 << index)
         self._wake.set()
         return True
 
@@ -258,9 +263,10 @@ class BudgetLeases:
         for i, campaign in self._campaigns.items():
             for slot in campaign.slots:
                 budget = slot.limit if slot.exhausted else self._budget_of(campaign.rule, slot)
-                slice_ = max(MIN_SLICE_MICROS, int(budget * s.slice_share), slot.want)
+                slice_ = max(MIN_SLICE_MICROS, int(budget * s.slice_share), slot.want,
+                             2 * slot.cost)  # at least two bids like the last
                 slot.low = slice_ // 2
-                if slot.available < slot.low:
+                if slot.available < max(slot.low, slot.cost):
                     granted = ledger.grant(self.holder, campaign.rule.campaign, slot.period,
                                            slice_, slot.limit)
                     with self._lock:
@@ -297,10 +303,10 @@ class BudgetLeases:
                 if held is not None:
                     for slot in held[1]:
                         slot.pending -= held[0]
-            expired = [b for b, (_, _, until) in self._reserved.items()
+            expired = [b for b, (_, _, until, _) in self._reserved.items()
                        if until < time.monotonic()]
             for bid_id in expired:
-                cost, slots, _ = self._reserved.pop(bid_id)
+                cost, slots, _, _ = self._reserved.pop(bid_id)
                 for slot in slots:
                     slot.pending -= cost
         if expired:

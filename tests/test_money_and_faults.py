@@ -86,21 +86,39 @@ def test_test_requests_are_never_billed(start_server, memcached):
     ledger.close()
 
 
+def bids_until_budget_refuses(server, **request) -> list[dict]:
+    """Bid until the budget refuses (``budget_exhausted``): the bids it allowed. Pacing pauses
+    (the first slice is 1 % of the budget, under one impression: the refill then leases what
+    the bid needed) are waited out."""
+    bids: list[dict] = []
+    for _ in range(40):
+        status, headers, body = server.bid(site_request(**request))
+        if status == 200:
+            bids += bids_of(body)
+        elif headers["x-nobid-reason"] == "budget_exhausted":
+            return bids
+        else:
+            assert headers["x-nobid-reason"] == "budget_paced"
+            time.sleep(0.2)
+    raise AssertionError(f"the budget never refused: {[(b['cid'], b['price']) for b in bids]} {headers} "
+                         f"{server.admin('GET', '/readyz')[2]!r}\n{server.log()[-3000:]}")
+
+
+def reservation_micros(price: float) -> int:
+    """What a bid at ``price`` USD CPM reserves: its most costly bill, a cent CPM over."""
+    return round((price + 0.01) * 1_000_000) // 1000 + 1
+
+
 def test_budget_reserved_at_bid_time_stops_the_campaign_before_its_bill(start_server, memcached):
-    """The budget (3 USD) holds one impression at this campaign's price (~2.5 USD each): the
-    bid reserves it, so the next bid is refused at once, before any billing notice."""
+    """The budget (8 USD) holds as many impressions as their reservations fit (this campaign
+    bids a few USD an impression, the price depending on the hour): bids reserve it, so the
+    next bid is refused at once, before any billing notice."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
-    for _ in range(25):  # the first slice (1 % of the budget) is under one impression's cost:
-        status, headers, body = server.bid(site_request(country="CAN"))  # the refill then
-        if status == 200:  # leases what the bid needed
-            break
-        assert headers["x-nobid-reason"] == "budget_paced"
-        time.sleep(0.2)
-    [bid] = bids_of(body)
-    assert bid["cid"] == "budgeted"
-    status, headers, _ = server.bid(site_request(country="CAN"))
-    assert status == 204 and headers["x-nobid-reason"] == "budget_exhausted"
-    assert server.request("GET", notice_path(bid["burl"], f"{bid['price']:.6f}"))[0] == 200
+    bids = bids_until_budget_refuses(server, country="CAN")
+    assert bids and {b["cid"] for b in bids} == {"budgeted"}
+    assert len(bids) == 8_000_000 // reservation_micros(bids[0]["price"])
+    for bid in bids:
+        assert server.request("GET", notice_path(bid["burl"], f"{bid['price']:.6f}"))[0] == 200
     status, headers, _ = server.bid(site_request(country="CAN"))
     assert status == 204 and headers["x-nobid-reason"] == "budget_exhausted"
     assert server.bid(site_request(country="JPN"))[0] == 200  # other campaigns keep bidding

@@ -14,7 +14,7 @@ import pytest
 from bidder.ledger import open_ledger
 from bidder.notices import NoticeError, NoticeExpired, NoticeSigner, key_id
 from tests.test_bid_http import CATALOG, bids_of, site_request
-from tests.test_money_and_faults import notice_path
+from tests.test_money_and_faults import bids_until_budget_refuses, notice_path
 
 OLD, NEW = "old-secret-1", "new-secret-2"
 
@@ -103,19 +103,13 @@ def test_expired_and_edited_notices_get_400_are_counted_and_never_booked(start_s
 
 
 def test_a_loss_notice_releases_the_reservation_at_once(start_server, memcached):
-    """Budget 3 USD, ~2.5 USD an impression: one bid in flight holds it; its loss notice gives
-    it back, so the campaign bids again; a second loss notice is a duplicate."""
+    """Budget 8 USD, a few USD an impression: the bids in flight hold it; a loss notice gives
+    one back, so the campaign bids again; a second loss notice is a duplicate."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
-    for _ in range(25):  # the first slice is under one impression: the refill asks for more
-        status, headers, body = server.bid(site_request(country="CAN"))
-        if status == 200:
-            break
-        time.sleep(0.2)
-    [bid] = bids_of(body)
+    bids = bids_until_budget_refuses(server, country="CAN")
+    bid = bids[0]
     assert "${AUCTION_LOSS}" in bid["lurl"] and "${AUCTION_PRICE}" in bid["lurl"]
-    status, headers, _ = server.bid(site_request(country="CAN"))
-    assert status == 204 and headers["x-nobid-reason"] == "budget_exhausted"
-    lurl = notice_path(bid["lurl"], "3000").replace("${AUCTION_LOSS}", "102")
+    lurl = notice_path(bid["lurl"], "9000").replace("${AUCTION_LOSS}", "102")
     status, _, body = server.request("GET", lurl)
     assert status == 200 and json.loads(body)["status"] == "booked"
     assert json.loads(server.request("GET", lurl)[2])["status"] == "duplicate"
