@@ -145,7 +145,8 @@ def test_every_status_answers_alike(servers):
     }
     for status, request in cases.items():
         assert same_answers(servers, [request], 1)[0][0] == status
-    assert same_answers(servers, [b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"], 1)[0][0] == 200
+    metrics = same_answers(servers, [b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"], 1)[0]
+    assert metrics[0] == 200 and b'bidder_worker_nobids_total{reason="deadline"}' in metrics[2]
     huge = post(b" " * 20000 + bid)  # over the limit with the slack: refused before the app
     assert same_answers(servers, [huge], 1)[0][0] == 413
     head = same_answers(servers, [b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"], 1)
