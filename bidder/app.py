@@ -1,4 +1,4 @@
-"""The Falcon WSGI app: bid, notices, health, readiness and metrics resources.
+"""The Falcon WSGI app: bid, notices and health on the bid port; readiness, metrics on the admin one.
 
 ``create_app(settings)`` runs once in the Gunicorn master (``preload_app``):
 the catalog, the model and the compiled arrays are built before fork and
@@ -346,20 +346,21 @@ def _error_serializer(req: falcon.Request, resp: falcon.Response,
                        req.path, exc.status_code, message, status=exc.status_code, route=route)
 
 
-class _MsgspecJSON(falcon.media.BaseHandler):
-    """msgspec for every JSON media body Falcon handles (health, readiness, notices)."""
-
-    def serialize(self, media, content_type) -> bytes:
-        return msgspec.json.encode(media)
-
-    def deserialize(self, stream, content_type, content_length):
-        return msgspec.json.decode(stream.read())
-
-
 class BidderApp(falcon.App):
-    """The Falcon app, holding its model handle so the master can reload it on SIGHUP."""
+    """The bid app (bid, notices, ``/healthz``), Gunicorn's WSGI callable on both listeners: a
+    request that came in on the admin listener (``--admin-bind``; Gunicorn sets ``SERVER_PORT``
+    from the listening socket) goes to ``admin`` (``/metrics``, ``/readyz``, ``/healthz``), so
+    spend, campaign ids and file paths never answer on the port exchanges call. Holds the model
+    handle so the master can reload it on SIGHUP."""
 
     models: ModelHandle
+    admin: falcon.App
+    admin_port: str
+
+    def __call__(self, environ, start_response):
+        if environ.get("SERVER_PORT") == self.admin_port:
+            return self.admin(environ, start_response)
+        return super().__call__(environ, start_response)
 
 
 class StartupError(RuntimeError):
@@ -387,14 +388,23 @@ def create_app(settings: Settings) -> BidderApp:
                            "must exist and be writable; choose another with --ledger PATH") from None
 
     app = BidderApp(media_type=falcon.MEDIA_JSON)
-    handler = _MsgspecJSON()
+    # msgspec for the JSON media bodies Falcon handles (health, readiness, notices), by Falcon's
+    # recipe; JSONHandler turns an empty or malformed body into a 400 (the bid body is decoded
+    # by the bid resource itself, into typed structs)
+    handler = falcon.media.JSONHandler(dumps=msgspec.json.Encoder().encode,
+                                       loads=msgspec.json.Decoder().decode)
     app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.set_error_serializer(_error_serializer)
     app.add_route("/openrtb2/bid", BidResource(auction, models, state, settings))
     app.add_route("/notice/{kind}", NoticeResource(auction, state))
     app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(auction, models, state))
-    app.add_route("/metrics", MetricsResource(models))
     app.models = models
+    app.admin = admin = falcon.App(media_type=falcon.MEDIA_JSON)
+    admin.resp_options.media_handlers = app.resp_options.media_handlers
+    admin.set_error_serializer(_error_serializer)
+    admin.add_route("/healthz", HealthResource())
+    admin.add_route("/readyz", ReadyResource(auction, models, state))
+    admin.add_route("/metrics", MetricsResource(models))
+    app.admin_port = settings.admin_bind.rpartition(":")[2]
     return app

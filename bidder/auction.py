@@ -6,12 +6,21 @@ budget) -> per imp: banner, size, secure and deal eligibility (``ImpPlan``) ->
 one memcached round trip (user features + frequency counters), only when some
 imp can be bid on -> per imp: one model call over every eligible campaign x
 creative, the best candidate that clears its floor.
+
+Eligibility and imp plans are cached by *shape*: each filter by the fields it reads,
+normalised as it reads them (the user's country, device type and OS; the inventory; the
+request's category and advertiser blocks; its seats; an imp's sizes, floor currency, secure
+flag and blocked types and attributes, with the campaigns left). Each of these takes few
+values, where their combinations do not. Budgets are applied on every request after the
+cached filters and are part of the plans' key, so a campaign that exhausts its budget stops
+on the next request.
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -28,6 +37,8 @@ from models import features as F
 from models.world import inventory_key
 
 FIRST_PRICE_SHADE = 0.85  # first-price auctions (at=1): bid this share of the expected value
+SHAPE_CACHE_SIZE = 8192  # shapes remembered per process, in each cache
+T = TypeVar("T")
 # No-bid reasons of one imp, from the one closest to a bid.
 IMP_REASON_RANK = ("below_floor", "no_creative_fits", "no_deal_in_private_auction",
                    "floor_currency_unknown", "no_banner_size", "no_banner_imp")
@@ -41,25 +52,19 @@ def country_of(r: BidRequest) -> str | None:
     return None
 
 
-def inventory_domains(r: BidRequest) -> tuple[list[str], list[str]]:
-    """The domains a request's inventory goes by, with their parents: ``site.domain`` (else the
-    host of ``site.page``, which many requests carry alone) or ``app.domain``, and the app
-    bundle; then the publisher's domains. Allow lists look at the first; block lists at both,
-    so a block cannot be dodged by naming the site another way."""
+def inventory_of(r: BidRequest) -> tuple[str | None, str | None, str | None]:
+    """What a request's inventory goes by: the host of ``site.domain`` (else of ``site.page``,
+    which many requests carry alone) or of ``app.domain``; the app bundle (lower case); the
+    publisher's domain."""
     site, app = r.site, r.app
     if site is not None:
-        named = domain_and_parents(host_of(site.domain) or host_of(site.page))
-        publisher = site.publisher
+        host, publisher = host_of(site.domain) or host_of(site.page), site.publisher
     elif app is not None:
-        named = domain_and_parents(host_of(app.domain))
-        publisher = app.publisher
+        host, publisher = host_of(app.domain), app.publisher
     else:
-        return [], []
-    if app is not None and app.bundle:
-        named.append(app.bundle.lower())
-    if publisher is not None and publisher.domain:
-        return named, domain_and_parents(host_of(publisher.domain))
-    return named, []
+        host = publisher = None
+    return (host, app.bundle.lower() if app is not None and app.bundle else None,
+            publisher.domain if publisher is not None and publisher.domain else None)
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,7 @@ class NoBid:
     reason: str
 
 
-@dataclass(frozen=True)
-class ImpPlan:
+class ImpPlan(NamedTuple):
     """What an imp can be bid with, known before the user's features are fetched."""
 
     imp: Imp
@@ -78,6 +82,23 @@ class ImpPlan:
     @property
     def campaigns(self) -> Bits:
         return self.candidates.campaigns
+
+
+def banner_sizes(banner) -> tuple[tuple[int, int], ...]:
+    """The sizes a banner takes: its ``format`` list, else its ``w`` x ``h``."""
+    sizes = tuple((f.w, f.h) for f in banner.format or () if f.w and f.h)
+    if not sizes and banner.w and banner.h:
+        sizes = ((banner.w, banner.h),)
+    return sizes
+
+
+def remember(cache: dict, key: object, value: T) -> T:
+    """``cache[key] = value``, emptied first when full (shapes are few; a flood of new ones
+    must not grow a worker without bound)."""
+    if len(cache) >= SHAPE_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 @dataclass
@@ -144,6 +165,12 @@ class Auction:
         self._terms: tuple[object, tuple[np.ndarray, ...]] | None = None  # (model, its terms)
         self.budgets = Budgets(catalog)
         self._capped = [(i, catalog.campaigns[i]) for i in catalog.capped]
+        # each eligibility filter's answer by what it reads (budgets are never cached)
+        self._targeting_user: dict[tuple, Bits] = {}
+        self._inventory: dict[tuple, Bits] = {}
+        self._blocks: dict[tuple, Bits | NoBid] = {}
+        self._seats: dict[tuple, Bits] = {}
+        self._plans: dict[tuple, Candidates | NoBid] = {}  # imps without pmp, by shape
 
     def candidate_features(self, hash_bits: int) -> np.ndarray:
         """(candidates, 3) feature indices, hashed once per model hash size."""
@@ -168,45 +195,94 @@ class Auction:
 
     def eligible_campaigns(self, r: BidRequest) -> Bits | NoBid:
         """Campaigns left after targeting, blocks, seats and budgets; NoBid naming the first
-        filter that left nothing."""
-        cat = self.catalog
-        sets = cat.sets
+        filter that left nothing. Each filter's answer is cached by what it reads."""
         device = r.device
-        bits = cat.targeted(sets.by_country, sets.any_country, country_of(r))
-        # no Device: type and OS unknown, so only campaigns that do not target them
-        bits &= cat.targeted(sets.by_devicetype, sets.any_devicetype,
-                             device.devicetype if device else None)
-        bits &= cat.targeted(sets.by_os, sets.any_os,
-                             device.os.lower() if device and device.os else None)
+        key: tuple = (country_of(r), device.devicetype if device else None,
+                      device.os.lower() if device and device.os else None)
+        bits = self._targeting_user.get(key)
+        if bits is None:
+            bits = remember(self._targeting_user, key, self.targeting_user(*key))
         if not bits:
             return NoBid("no_campaign_targets_user")
-        # domains match case-insensitively and cover their subdomains (www.x.example is x.example)
-        named, publisher = inventory_domains(r)
-        if sets.by_domain_allow:
-            bits &= sets.any_domain | cat.any_of(sets.by_domain_allow, named)
-        bits &= ~cat.any_of(sets.by_domain_block, named + publisher if publisher else named)
+        key = inventory_of(r)
+        allowed = self._inventory.get(key)
+        if allowed is None:
+            allowed = remember(self._inventory, key, self.allowed_inventory(*key))
+        bits &= allowed
         if not bits:
             return NoBid("no_campaign_targets_inventory")
-        if (r.bcat or r.acat) and r.cattax not in (None, 1):  # only Content Category 1.0 known
+        if r.bcat or r.acat or r.badv or r.bapp:
+            key = (r.cattax, tuple(r.bcat or ()), tuple(r.acat or ()), tuple(r.badv or ()),
+                   tuple(r.bapp or ()))
+            unblocked = self._blocks.get(key)
+            if unblocked is None:
+                unblocked = remember(self._blocks, key, self.unblocked(*key))
+            if isinstance(unblocked, NoBid):
+                return unblocked
+            bits &= unblocked
+            if not bits:
+                return NoBid("blocked_by_request")
+        if r.wseat or r.bseat:
+            key = (tuple(r.wseat or ()), tuple(r.bseat or ()))
+            seated = self._seats.get(key)
+            if seated is None:
+                seated = remember(self._seats, key, self.allowed_seats(*key))
+            bits &= seated
+            if not bits:
+                return NoBid("seat_not_allowed")
+        bits &= self.budgets.spendable  # read on every request: exhaustion stops it at once
+        return bits or NoBid("budget_exhausted")
+
+    def targeting_user(self, country: str | None, devicetype: int | None,
+                       os_: str | None) -> Bits:
+        """Campaigns that target the user's country, device type and OS (lower case); an
+        unknown one (no Device) only those that do not target it."""
+        cat = self.catalog
+        sets = cat.sets
+        return (cat.targeted(sets.by_country, sets.any_country, country)
+                & cat.targeted(sets.by_devicetype, sets.any_devicetype, devicetype)
+                & cat.targeted(sets.by_os, sets.any_os, os_))
+
+    def allowed_inventory(self, host: str | None, bundle: str | None,
+                          publisher: str | None) -> Bits:
+        """Campaigns whose domain allow and block lists let this inventory through. Domains
+        match case-insensitively and cover their subdomains (www.x.example is x.example);
+        allow lists look at the host and bundle, block lists at the publisher's domain too,
+        so a block cannot be dodged by naming the site another way."""
+        cat = self.catalog
+        sets = cat.sets
+        named = domain_and_parents(host)
+        if bundle:
+            named.append(bundle)
+        blocked = named + domain_and_parents(host_of(publisher)) if publisher else named
+        # a mask, ANDed into the user's campaigns: ~0 is every campaign
+        allowed = sets.any_domain | cat.any_of(sets.by_domain_allow, named) \
+            if sets.by_domain_allow else ~0
+        return allowed & ~cat.any_of(sets.by_domain_block, blocked)
+
+    def unblocked(self, cattax: int | None, bcat: tuple[str, ...], acat: tuple[str, ...],
+                  badv: tuple[str, ...], bapp: tuple[str, ...]) -> Bits | NoBid:
+        """Campaigns the request's category, advertiser and app blocks (and ``acat``) allow;
+        NoBid when its categories are not IAB Content Category 1.0, the only taxonomy known."""
+        cat = self.catalog
+        sets = cat.sets
+        if (bcat or acat) and cattax not in (None, 1):
             return NoBid("category_taxonomy_unknown")
         # a blocked advertiser domain covers its subdomains (by_adomain lists their parents)
-        blocked_advertisers = [a.strip().lower().strip(".") for a in r.badv or ()]
-        bits &= ~(cat.any_of(sets.by_cat, [k.upper() for k in r.bcat or ()])
-                  | cat.any_of(sets.by_adomain, blocked_advertisers)
-                  | cat.any_of(sets.by_bundle, [b.lower() for b in r.bapp or ()]))
-        if r.acat:
-            bits &= cat.allowed_by_categories(r.acat)
-        if not bits:
-            return NoBid("blocked_by_request")
-        if r.wseat:
-            bits &= cat.any_of(sets.by_seat, r.wseat)
-        bits &= ~cat.any_of(sets.by_seat, r.bseat)
-        if not bits:
-            return NoBid("seat_not_allowed")
-        bits &= self.budgets.spendable
-        if not bits:
-            return NoBid("budget_exhausted")
+        blocked_advertisers = [a.strip().lower().strip(".") for a in badv]
+        bits = ~(cat.any_of(sets.by_cat, [k.upper() for k in bcat])
+                 | cat.any_of(sets.by_adomain, blocked_advertisers)
+                 | cat.any_of(sets.by_bundle, [b.lower() for b in bapp]))
+        if acat:
+            bits &= cat.allowed_by_categories(list(acat))
         return bits
+
+    def allowed_seats(self, wseat: tuple[str, ...], bseat: tuple[str, ...]) -> Bits:
+        """Campaigns whose seat ``wseat`` allows (when given) and ``bseat`` does not block."""
+        cat = self.catalog
+        sets = cat.sets
+        bits = cat.any_of(sets.by_seat, list(wseat)) if wseat else ~0
+        return bits & ~cat.any_of(sets.by_seat, list(bseat))
 
     def bid(self, r: BidRequest, store: FeatureStore, ledger: Ledger, model,
             deadline: float) -> BidResponse | NoBid:
@@ -292,14 +368,30 @@ class Auction:
 
     def plan_imp(self, imp: Imp, campaigns: Bits, auction_type: int) -> ImpPlan | NoBid:
         """The candidates that may bid on ``imp`` and the deal each campaign would bid through:
-        everything of an imp that does not need the user's features."""
-        cat = self.catalog
+        everything of an imp that does not need the user's features. Without ``pmp`` it is
+        cached by the imp's shape (every field ``plan_by_shape`` reads) and ``campaigns``;
+        imps with deals are planned each time (their deals carry floors and seats)."""
         banner = imp.banner
         if banner is None:
             return NoBid("no_banner_imp")
-        sizes = tuple((f.w, f.h) for f in banner.format or () if f.w and f.h)
-        if not sizes and banner.w and banner.h:
-            sizes = ((banner.w, banner.h),)
+        sizes = banner_sizes(banner)
+        if imp.pmp is not None:
+            return self.plan_by_shape(imp, sizes, campaigns, auction_type)
+        key = (sizes, imp.bidfloorcur, imp.secure == 1, tuple(banner.btype or ()),
+               tuple(banner.battr or ()), campaigns)
+        found = self._plans.get(key)
+        if found is None:
+            plan = self.plan_by_shape(imp, sizes, campaigns, auction_type)
+            found = plan if isinstance(plan, NoBid) else plan.candidates
+            remember(self._plans, key, found)
+        return found if isinstance(found, NoBid) else ImpPlan(imp, found, {})
+
+    def plan_by_shape(self, imp: Imp, sizes: tuple[tuple[int, int], ...], campaigns: Bits,
+                      auction_type: int) -> ImpPlan | NoBid:
+        """``plan_imp`` itself: reads ``sizes``, ``imp.bidfloorcur``, ``imp.secure``,
+        ``imp.banner.btype`` and ``battr``, and ``imp.pmp`` (never cached)."""
+        cat = self.catalog
+        banner = imp.banner
         if not sizes:
             return NoBid("no_banner_size")
         if not self.rates.knows(imp.bidfloorcur):

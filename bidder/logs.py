@@ -1,4 +1,4 @@
-"""Log lines of the server, as text or as JSON lines (``--log-format``), and faults counted per interval.
+"""Log lines as text or JSON (``--log-format``), and faults logged once per interval with a count.
 
 Every line carries the time, level, logger, pid and worker slot (none in the master); JSON
 lines add the event's fields (``extra=``) as keys, so a log pipeline can filter on them. The
@@ -18,12 +18,15 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from gunicorn import glogging
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(slot_label)s] [%(levelname)s] %(name)s: %(message)s"
+# Gunicorn's access_log_format: the path without the query string (%(U)s, not %(r)s)
+ACCESS_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 FAULT_INTERVAL_S = 10.0
 FAULT_KEYS_MAX = 256  # distinct faults remembered; a flood of new ones starts over
 
@@ -43,6 +46,18 @@ def set_worker_slot(slot: int | None) -> None:
 def fields(record: logging.LogRecord) -> dict[str, Any]:
     """The event fields of a record: what its ``extra=`` added."""
     return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+
+
+def access_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """An access line's request as fields: method, path (no query), status, bytes, duration
+    and client address, from Gunicorn's atoms (empty for any other record)."""
+    atoms = record.args
+    if record.name != "gunicorn.access" or not isinstance(atoms, Mapping) or "U" not in atoms:
+        return {}
+    status = str(atoms.get("s"))
+    return {"event": "request", "method": atoms.get("m"), "path": atoms.get("U"),
+            "status": int(status) if status.isdigit() else status, "bytes": atoms.get("B"),
+            "duration_ms": atoms.get("M"), "remote": atoms.get("h")}
 
 
 class SlotFilter(logging.Filter):
@@ -68,7 +83,7 @@ class JsonFormatter(logging.Formatter):
             "slot": getattr(record, "slot", _slot),
             "message": record.getMessage(),
         }
-        for key, value in fields(record).items():
+        for key, value in {**fields(record), **access_fields(record)}.items():
             line.setdefault(key, value)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
@@ -114,8 +129,9 @@ def configure(log_format: str, level: str) -> None:
 
 
 class GunicornLogger(glogging.Logger):
-    """Gunicorn's logger with the server's formatter on its error and access logs, and an access
-    line without the query string (notice URLs carry the user key and their signature)."""
+    """Gunicorn's logger with the server's formatter on its error and access logs (whose line,
+    ``ACCESS_FORMAT``, has no query string: notice URLs carry the user key and a signature).
+    ``access`` stays Gunicorn's, so the worker's fast path logs only with ``--access-log``."""
 
     def setup(self, cfg) -> None:
         super().setup(cfg)
@@ -124,17 +140,6 @@ class GunicornLogger(glogging.Logger):
                 handler.setFormatter(formatter())
                 handler.addFilter(SlotFilter())
 
-    def access(self, resp, req, environ, request_time) -> None:
-        if not self.access_log_enabled:
-            return
-        status = getattr(resp, "status_code", None) or str(resp.status).split(None, 1)[0]
-        duration_ms = round(request_time.total_seconds() * 1000, 3)
-        remote = environ.get("REMOTE_ADDR", "-")
-        self.access_log.info('%s "%s %s" %s %sms', remote, req.method, req.path, status,
-                             duration_ms, extra={
-                                 "event": "request", "method": req.method, "path": req.path,
-                                 "status": int(status), "bytes": getattr(resp, "sent", None),
-                                 "duration_ms": duration_ms, "remote": remote})
 
 
 class FaultLog:

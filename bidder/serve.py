@@ -19,12 +19,11 @@ import tempfile
 
 from gunicorn.app.base import BaseApplication
 
-from bidder import config
+from bidder import config, logs
 from bidder import settings as settings_mod
 from bidder.settings import Settings
 from server_hooks.pinning import CpuMapError
 
-LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 log = logging.getLogger("bidder.serve")
 
 
@@ -38,7 +37,7 @@ def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
     from server_hooks import hooks
 
     return {
-        "bind": [s.bind],
+        "bind": [s.bind, s.admin_bind],
         "workers": workers,
         "worker_class": s.worker_class,
         "threads": s.threads,
@@ -50,13 +49,23 @@ def gunicorn_options(s: Settings, workers: int) -> dict[str, object]:
         "pidfile": s.pid,
         "loglevel": s.log_level,
         "accesslog": "-" if s.access_log else None,
+        "logger_class": logs.GunicornLogger,
+        "access_log_format": logs.ACCESS_FORMAT,
         "proc_name": "bidder",
         "control_socket_disable": True,  # one fixed path per user: concurrent servers would collide
         "when_ready": hooks.when_ready,
         "pre_fork": pre_fork,
-        "post_fork": hooks.post_fork,
+        "post_fork": post_fork,
         "child_exit": hooks.child_exit,
     }
+
+
+def post_fork(server, worker) -> None:
+    """Worker: its slot on every line it logs from now on, then the pinning hook."""
+    from server_hooks import hooks
+
+    logs.set_worker_slot(getattr(worker, "slot", None))
+    hooks.post_fork(server, worker)
 
 
 def pre_fork(server, worker) -> None:
@@ -114,11 +123,11 @@ def run(args: argparse.Namespace) -> int:
     return serve(s)
 
 
-def check_bind(bind: str) -> str | None:
+def check_bind(bind: str, flag: str = "--bind") -> str | None:
     """Why ``bind`` cannot be listened on, said so a person can act on it (None if it can)."""
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
-        return f"--bind {bind!r}: write it as HOST:PORT, e.g. 127.0.0.1:8080"
+        return f"{flag} {bind!r}: write it as HOST:PORT, e.g. 127.0.0.1:8080"
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -127,7 +136,7 @@ def check_bind(bind: str) -> str | None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return (f"{bind} is already in use by another process: stop it, or choose "
-                        "another address with --bind HOST:PORT")
+                        f"another address with {flag} HOST:PORT")
             return f"cannot listen on {bind}: {exc.strerror}"
     return None
 
@@ -148,13 +157,16 @@ def notice_warnings(s: Settings) -> list[str]:
 
 
 def serve(s: Settings) -> int:
-    problem = check_bind(s.bind)
+    problem = check_bind(s.bind) or check_bind(s.admin_bind, "--admin-bind")
+    if s.bind.rpartition(":")[2] == s.admin_bind.rpartition(":")[2]:
+        problem = (f"--admin-bind {s.admin_bind} has the port of --bind {s.bind}: the app tells "
+                   "the admin listener by its port, give it another (default 9100)")
     if problem:
         print(f"bidder serve: {problem}", file=sys.stderr)
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="bidder-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
-    logging.basicConfig(level=s.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logs.configure(s.log_format, s.log_level)
     for warning in notice_warnings(s):
         log.warning("%s (fine for a local test)", warning)
     master = os.getpid()

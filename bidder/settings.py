@@ -35,10 +35,29 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 1-65535, got {text!r} "
+                                         "(e.g. 127.0.0.1:9100)")
+    return text
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"expected text or json, got {text!r}")
+    return text
+
+
 SETTINGS: tuple[Setting, ...] = (
     # --- server ---------------------------------------------------------------------------------
     Setting("bind", "--bind", "127.0.0.1:8080", "Address the server listens on, HOST:PORT.",
             metavar="HOST:PORT"),
+    Setting("admin_bind", "--admin-bind", "127.0.0.1:9100",
+            "Address of the admin listener, HOST:PORT: /metrics (spend per campaign, worker "
+            "pids) and /readyz (file paths) answer there, never on --bind, which keeps the bid "
+            "and notice endpoints and /healthz. Keep it on loopback or a private address that "
+            "only Prometheus and health checks reach.", type=_host_port, metavar="HOST:PORT"),
     Setting("workers", "--workers", 0, "Worker processes; 0 means one per CPU this process may use "
             "(os.sched_getaffinity, so taskset and cgroup cpusets count).", type=number(int, 0)),
     Setting("worker_class", "--worker-class", "server_hooks.worker.BalancedThreadWorker",
@@ -64,6 +83,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(benchmarks serve a hello-world app through the very same server configuration).",
             metavar="MODULE:CALLABLE"),
     Setting("log_level", "--log-level", "info", "Log level: debug, info, warning, error."),
+    Setting("log_format", "--log-format", "text",
+            "Log lines as text, or json: one object a line with time, level, logger, pid, worker "
+            "slot and the event's fields (for a log pipeline).", type=_log_format,
+            metavar="text|json"),
     Setting("access_log", "--access-log", False, "Log every request (costs CPU on the bid path).",
             type=boolean, boolean=True),
     # --- data -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``bidder demo``: the whole product on one machine, end to end, then a report.
 
-memcached (embedded on a free loopback port unless ``--memcached`` is given) ->
+memcached (embedded, on a Unix socket as a co-located memcached is best reached, unless
+``--memcached`` is given) ->
 seeded users -> ``bidder serve`` (the real Gunicorn master and workers) -> a
 few requests shown in full, with their win and billing notices booked -> an
 open-loop latency burst -> percentiles -> everything shut down.
@@ -23,7 +24,7 @@ from loadtests import stack as harness
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memcached", default=None, metavar="HOST:PORT[,...]",
+    parser.add_argument("--memcached", default=None, metavar="HOST:PORT|unix:PATH[,...]",
                         help="use these memcached servers instead of starting an embedded one")
     parser.add_argument("--users", type=number(int, 1), default=20_000, help="users to seed")
     parser.add_argument("--workers", type=number(int, 0), default=0,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         memcached = args.memcached
         if memcached is None:
             try:
-                mc = stack.enter_context(memcached_proc.EmbeddedMemcached())
+                mc = stack.enter_context(memcached_proc.EmbeddedMemcached(unix_socket=True))
             except memcached_proc.MemcachedNotFound as exc:
                 print(f"bidder demo: {exc}", file=sys.stderr)
                 return 1
@@ -110,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
         except (RuntimeError, TimeoutError) as exc:  # the message carries the server's log
             print(f"bidder demo: bidder serve did not start: {exc}", file=sys.stderr)
             return 1
-        ready = json.loads(harness.get(server.url + "/readyz")[1])
-        model = ready["components"]["model"]
+        ready = json.loads(harness.get(server.admin_url + "/readyz")[1])
+        model, store = ready["components"]["model"], ready["components"]["memcached"]
         say(f"ready: {ready['components']['catalog']['campaigns']} campaigns, model "
-            f"{model.get('kind')} {model.get('version')}")
+            f"{model.get('kind')} {model.get('version')}, memcached "
+            + ("answering" if store["ok"] else f"failing ({store.get('last_error')})"))
 
         requests = traffic.demo_requests(max(2000, int(args.rate * args.duration)), args.users)
         print("Sample bids (with their win and billing notices booked):")

@@ -1,7 +1,7 @@
 """The system under test for the harnesses: memcached, seeded users, a ``bidder serve`` process.
 
 The A/B, the capacity search and the benchmark all start the real server as a
-subprocess (``bidder serve ... --pid FILE``), wait for ``/readyz``, read the
+subprocess (``bidder serve ... --pid FILE``), wait for ``/readyz`` (admin listener), read the
 master's and workers' counters from ``/proc`` and stop it with SIGTERM, the way
 an operator would. CPU placement: on a machine with enough CPUs the server gets
 its own set (``taskset``) and the load generator and memcached the rest; where
@@ -160,10 +160,11 @@ def get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
 class Server:
     """``bidder serve`` (or another WSGI app through it) as a subprocess with a pid file.
 
-    The one launcher of ``bidder serve`` for the harnesses, the demo and the tests: a free
-    loopback port, the pid, log and ledger files in ``workdir``, ready once ``/readyz``
-    answers 200 (and, with ``settle_s``, the worker set held still that long), stopped with
-    SIGTERM as an operator would.
+    The one launcher of ``bidder serve`` for the harnesses, the demo and the tests: free
+    loopback ports for the bid and admin listeners, the pid, log and ledger files in
+    ``workdir``, ready once ``/readyz`` answers 200 on the admin listener (and, with
+    ``settle_s``, the worker set held still that long), stopped with SIGTERM as an operator
+    would.
     """
 
     def __init__(self, serve_args: list[str], memcached: str, workdir: str,
@@ -171,6 +172,8 @@ class Server:
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_port = free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"  # /metrics, /readyz
         self.workdir = workdir
         self.pidfile = os.path.join(workdir, f"server-{self.port}.pid")
         self.logfile = os.path.join(workdir, f"server-{self.port}.log")
@@ -184,7 +187,8 @@ class Server:
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "bidder", "serve", "--bind", f"127.0.0.1:{self.port}",
-                "--pid", self.pidfile, "--memcached", self.memcached, *self.serve_args]
+                "--admin-bind", f"127.0.0.1:{self.admin_port}", "--pid", self.pidfile,
+                "--memcached", self.memcached, *self.serve_args]
         if self.app:
             argv += ["--app", self.app]
         if "--ledger" not in self.serve_args:  # never write into the caller's directory
@@ -212,7 +216,7 @@ class Server:
                 raise RuntimeError(f"server exited with {self.process.returncode}: "
                                    f"{shlex.join(self.argv())}\n{self.log_tail()}")
             try:
-                status, _ = get(self.url + "/readyz")
+                status, _ = get(self.admin_url + "/readyz")
             except OSError:
                 status = 0
             running = self.workers()

@@ -31,9 +31,10 @@ class Server(stack.Server):
         return self.workers()
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None,
-                timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+                headers: dict[str, str] | None = None, timeout: float = 5.0,
+                port: int | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One request to the bid port (or ``port``) on its own connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
@@ -41,6 +42,10 @@ class Server(stack.Server):
                     response.read())
         finally:
             conn.close()
+
+    def admin(self, method: str, path: str, **kwargs) -> tuple[int, dict[str, str], bytes]:
+        """One request to the admin listener (``/metrics``, ``/readyz``)."""
+        return self.request(method, path, port=self.admin_port, **kwargs)
 
     def bid(self, payload: dict | bytes, headers: dict[str, str] | None = None):
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -51,7 +56,7 @@ class Server(stack.Server):
         """``GET /metrics`` once every worker has written its bid-path counts: the worker that
         answers writes its own at once, the others every ``FLUSH_S``."""
         time.sleep(3 * FLUSH_S)
-        status, _, body = self.request("GET", "/metrics")
+        status, _, body = self.admin("GET", "/metrics")
         assert status == 200, body
         return body.decode()
 
@@ -63,7 +68,7 @@ class Server(stack.Server):
 def launch_server(workdir, *args: str, memcached: str = "none", ready: bool = True,
                   env: dict[str, str] | None = None) -> Server:
     """Start ``bidder serve`` with ``args`` on a free port, its files (and its ledger,
-    ``ledger.sqlite3``) in ``workdir``; ready (``/readyz`` 200) unless ``ready`` is false."""
+    ``ledger.sqlite3``) in ``workdir``; ready (admin ``/readyz`` 200) unless ``ready`` is false."""
     os.makedirs(workdir, exist_ok=True)
     server = Server(["--ledger", os.path.join(workdir, "ledger.sqlite3"), *args], memcached,
                     str(workdir), env=env)

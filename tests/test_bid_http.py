@@ -254,13 +254,45 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
 
 def test_health_ready_metrics_and_routing(server):
     assert server.request("GET", "/healthz")[0] == 200
-    status, _, body = server.request("GET", "/readyz")
+    status, _, body = server.admin("GET", "/readyz")
     ready = json.loads(body)
     assert status == 200 and ready["ready"] is True
     assert set(ready["components"]) == {"catalog", "model", "memcached"}
     assert ready["components"]["catalog"]["campaigns"] == 7
     assert ready["components"]["memcached"]["ok"] is True
-    status, _, body = server.request("GET", "/metrics")
+    status, _, body = server.admin("GET", "/metrics")
     assert status == 200 and b"bidder_bid_requests_total" in body
     assert server.request("GET", "/nope")[0] == 404
     assert server.request("GET", "/openrtb2/bid")[0] == 405
+
+
+def test_metrics_and_readiness_answer_on_the_admin_listener_only(server):
+    """The bid port exchanges call shows no spend, campaign ids, pids or file paths."""
+    for path in ("/metrics", "/readyz"):
+        status, _, body = server.request("GET", path)
+        assert status == 404, (path, body)
+        assert server.admin("GET", path)[0] == 200
+    assert server.request("GET", "/healthz")[0] == 200
+    assert server.admin("POST", "/openrtb2/bid", body=b"{}")[0] == 404  # no bids there
+    assert server.admin("GET", "/notice/win")[0] == 404
+
+
+def test_json_media_bodies_are_msgspec_and_a_bad_one_is_a_400(tmp_path):
+    """The app's JSON media handler (Falcon's msgspec recipe): compact UTF-8 out; an empty,
+    truncated or non-UTF-8 body in is a 400 naming the problem, never an uncaught error."""
+    import io
+
+    import falcon
+
+    from bidder.app import create_app
+    from bidder.settings import resolve
+    app = create_app(resolve(environ={}, memcached="none", ledger=str(tmp_path / "l.db")))
+    handler = app.req_options.media_handlers[falcon.MEDIA_JSON]
+    assert app.resp_options.media_handlers[falcon.MEDIA_JSON] is handler
+    assert handler.serialize({"status": "ok", "ü": 1.5}, falcon.MEDIA_JSON) == \
+        '{"status":"ok","ü":1.5}'.encode()
+    assert handler.deserialize(io.BytesIO(b'{"a": [1]}'), falcon.MEDIA_JSON, 10) == {"a": [1]}
+    for body, says in ((b"", "empty JSON body"), (b'{"a":', "truncated"), (b"\xff", "utf-8")):
+        with pytest.raises(falcon.HTTPBadRequest) as refused:
+            handler.deserialize(io.BytesIO(body), falcon.MEDIA_JSON, len(body))
+        assert says in refused.value.description

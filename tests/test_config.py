@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bidder import config, settings
+from bidder.memcached_proc import free_port
 from tests.conftest import launch_server
 
 
@@ -109,3 +110,21 @@ def test_a_real_server_takes_its_settings_from_the_file(tmp_path):
         assert server.bid(body + b" " * 1000)[0] == 413
     finally:
         server.stop()
+
+
+def test_admin_listener_on_a_taken_or_the_bid_port_is_refused_naming_the_flag():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = bidder("serve", "--bind", f"127.0.0.1:{free_port()}", "--admin-bind",
+                      f"127.0.0.1:{port}", "--memcached", "none")
+        assert done.returncode != 0
+        assert f"127.0.0.1:{port} is already in use" in done.stderr
+        assert "--admin-bind HOST:PORT" in done.stderr
+    done = bidder("serve", "--bind", "127.0.0.1:18999", "--admin-bind", "0.0.0.0:18999")
+    assert done.returncode != 0 and "has the port of --bind" in done.stderr, done.stderr
+    done = bidder("serve", "--admin-bind", "9100")
+    assert done.returncode != 0 and "expected HOST:PORT" in done.stderr, done.stderr

@@ -18,6 +18,8 @@ def test_demo_runs_end_to_end_and_reports():
     assert "latency ms (from intended send time): p50" in out and "p99" in out
     assert "Result: OK" in out
     assert "seeding 500 users" in result.stderr
+    assert "started embedded memcached on unix:/" in result.stderr  # served over its socket
+    assert "memcached answering" in result.stderr
 
 
 def test_demo_without_memcached_says_how_to_install_it(tmp_path):

@@ -109,16 +109,48 @@ def test_ab_end_to_end_writes_the_report(tmp_path):
     assert "| CPU us/request |" in (out / "report.md").read_text()
 
 
-def test_bench_prints_the_ratio(tmp_path):
+def test_bench_prints_the_ratios_to_stock_gunicorn_and_to_the_same_server(tmp_path):
     proc = subprocess.run(BIDDER + ["bench", "--reps", "1", "--duration", "1", "--warmup", "0.5",
-                                    "--capacity-budget", "0", "--users", "500",
-                                    "--serve", "--workers 2", "--out", str(tmp_path)],
+                                    "--capacity-budget", "0", "--users", "500", "--stock",
+                                    "gthread", "--serve", "--workers 2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ratio bidder/hello" in proc.stdout
+    assert "ratio bidder/stock gthread" in proc.stdout and "ratio bidder/hello" in proc.stdout
     doc = json.loads((tmp_path / "bench.json").read_text())
     assert doc["hello_rps"] > 0 and doc["bidder_rps"] > 0
     assert doc["ratio"] == pytest.approx(doc["bidder_rps"] / doc["hello_rps"])
+    stock = doc["stock"]["gthread"]
+    assert stock["ratio"] == pytest.approx(doc["bidder_rps"] / stock["rps"])
+    assert stock["cpu_us_per_request"] > 0
+    # stock Gunicorn ran as many workers as the bidder, with its own worker class
+    assert {r["app"]: r["workers"] for r in doc["runs"]} == {
+        "stock-gthread": 2, "hello": 2, "bidder": 2}
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "gunicorn -k gthread" in proc.stdout
+
+
+def test_bench_overload_reports_bids_nobids_p99_and_unanswered(tmp_path):
+    proc = subprocess.run(BIDDER + ["bench", "--overload", "--duration", "1", "--warmup", "0.2",
+                                    "--users", "200", "--serve", "--workers 1",
+                                    "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "overload.json").read_text())
+    levels = {r["name"]: r for r in doc["levels"]}
+    assert [(n, r["connections"]) for n, r in levels.items()] == [
+        ("normal", 4), ("4x", 16), ("32x", 128), ("open 2x", 128)]  # 4 per worker, normally
+    assert levels["open 2x"]["offered_rps"] == pytest.approx(2 * levels["normal"]["answered_rps"])
+    for r in doc["levels"]:
+        assert r["bids_per_s"] + r["nobids_per_s"] > 0 and r["unanswered"] >= 0
+        assert r["p99_ms"] >= r["p50_ms"] > 0
+    assert doc["tmax_ms"] == 50 and "unanswered" in proc.stdout
+    assert (tmp_path / "overload.png").stat().st_size > 0
+
+
+def test_bench_refuses_an_unknown_stock_worker_class():
+    proc = subprocess.run(BIDDER + ["bench", "--stock", "gevent"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "gevent not known; use gthread, sync" in proc.stderr
 
 
 def test_locust_distributed_merges_every_workers_histogram(hello, tmp_path):

@@ -1,14 +1,18 @@
-"""Log lines: JSON and text formats with pid and slot, faults once per interval with a count."""
+"""Log lines: JSON and text formats with pid and slot, faults once per interval with a count;
+against a real server: JSON lines parse, carry slot and pid, and hold no user id or secret."""
 from __future__ import annotations
 
 import io
 import json
 import logging
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
 from bidder import logs
+from models import world
+from tests.conftest import launch_server
 
 
 @pytest.fixture
@@ -82,3 +86,47 @@ def test_a_repeated_fault_is_logged_once_per_interval_with_its_count(capture):
 def test_unknown_log_format_is_refused():
     with pytest.raises(ValueError, match="text, json"):
         logs.configure("xml", "info")
+
+
+def test_a_real_server_logs_json_lines_with_slot_and_pid_and_no_user_id_or_secret(
+        memcached, tmp_path):
+    secret = "s3cret-notice-key-for-this-test"
+    server = launch_server(tmp_path / "srv", "--workers", "2", "--log-format", "json",
+                           "--access-log", "--notice-secret", secret,
+                           memcached=memcached.address)
+    users = [world.user_id(n) for n in range(30)]
+    signatures = []
+    try:
+        for n, user in enumerate(users):
+            request = {"id": f"log-{n}", "tmax": 200,
+                       "imp": [{"id": "1", "banner": {"format": [{"w": 300, "h": 250}]},
+                                "bidfloor": 0.01}],
+                       "site": {"id": "s1", "domain": "news.example"},
+                       "device": {"devicetype": 2, "geo": {"country": "JPN"}},
+                       "user": {"id": user, "buyeruid": user}}
+            status, _, body = server.bid(request)
+            if status == 200:
+                burl = json.loads(body)["seatbid"][0]["bid"][0]["burl"]
+                url = urlsplit(burl.replace("${AUCTION_PRICE}", "0.01"))
+                signatures.append(dict(p.split("=", 1) for p in url.query.split("&"))["s"])
+                assert server.request("GET", f"{url.path}?{url.query}")[0] == 200
+        assert signatures, "no bid made"
+        for _ in range(20):  # a repeated fault: one line, then counted
+            assert server.bid(b"{not json")[0] == 400
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert {"time", "level", "logger", "pid", "slot", "message"} <= set(line), line
+    workers = [line for line in lines if line["slot"] is not None]
+    assert {line["slot"] for line in workers} == {0, 1}
+    assert len({line["pid"] for line in workers}) >= 2
+    access = [line for line in lines if line.get("event") == "request"]
+    assert any(line["path"].startswith("/notice/billing") and line["status"] == 200
+               for line in access)
+    faults = [line for line in lines if line.get("fault") == "400 POST /openrtb2/bid"]
+    assert 1 <= len(faults) <= 4, faults  # once per interval and worker, not 20 times
+    text = server.log()
+    for private in [*users, *signatures, secret]:
+        assert private not in text, f"{private!r} is in the log"

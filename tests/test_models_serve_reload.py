@@ -89,7 +89,7 @@ class Load:
 def _versions(server, n=12):
     seen = set()
     for _ in range(n):
-        status, _, body = server.request("GET", "/readyz")
+        status, _, body = server.admin("GET", "/readyz")
         seen.add(json.loads(body)["components"]["model"]["version"].split("-")[0])
     return seen
 
@@ -133,7 +133,7 @@ def test_hot_reload_under_load_never_fails_a_request(artifacts, tmp_path):
         assert not load.failures, load.failures[:5]
         assert load.ok > 50
         assert load.reconnects <= 4  # at most one closed keep-alive connection per client and worker
-        _, _, metrics = server.request("GET", "/metrics")
+        _, _, metrics = server.admin("GET", "/metrics")
         text = metrics.decode()
         assert 'bidder_model_reloads_total{outcome="refused"}' in text
         assert 'bidder_model_reloads_total{outcome="loaded"}' in text

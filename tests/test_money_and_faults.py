@@ -70,7 +70,7 @@ def test_notices_are_booked_once_and_forgeries_refused(start_server, memcached):
     status, _, _ = server.request("GET", notice_path(bid["burl"], "abc"))
     assert status == 400
     assert server.request("GET", "/notice/refund?b=1")[0] == 404
-    _, _, metrics = server.request("GET", "/metrics")
+    _, _, metrics = server.admin("GET", "/metrics")
     booked = re.search(rb'bidder_spend_micros_total\{campaign="jp-shoes"\} (\S+)', metrics)
     assert booked and float(booked.group(1)) == expected_micros
 
@@ -126,7 +126,7 @@ def test_memcached_down_degrades_to_default_features(start_server, tmp_path):
         # a frequency-capped campaign cannot know its count: it sits out rather than overserve
         status, headers, _ = server.bid(site_request(country="FRA"))
         assert status == 204 and headers["x-nobid-reason"] == "frequency_unknown"
-        status, _, body = server.request("GET", "/readyz")
+        status, _, body = server.admin("GET", "/readyz")
         ready = json.loads(body)
         assert status == 200 and ready["ready"] is True  # memcached only degrades
         assert "Traceback" not in server.log()

@@ -91,7 +91,7 @@ def test_metrics_show_where_every_worker_runs(start_server):
     """The real bid app: GET /metrics lists slot, pid, CPUs and slice of each live worker."""
     server = start_server("--workers", "2", "--pin", "--slice-ms", "10")
     pids = wait_for_workers(server, 2)
-    status, _, body = server.request("GET", "/metrics")
+    status, _, body = server.admin("GET", "/metrics")
     assert status == 200
     lines = [line for line in body.decode().splitlines()
              if line.startswith("bidder_worker_info{")]

@@ -237,7 +237,7 @@ def test_readyz_reports_memcached_it_has_not_reached(memcached, tmp_path):
     srv = launch_server(tmp_path, "--workers", "1", "--campaigns", CATALOG,
                         memcached="127.0.0.1:9")  # discard port: nothing listens
     try:
-        ready = json.loads(srv.request("GET", "/readyz")[2])
+        ready = json.loads(srv.admin("GET", "/readyz")[2])
         assert ready["ready"] is True  # memcached only degrades
         assert ready["components"]["memcached"]["ok"] is False
         assert ready["components"]["memcached"]["last_error"]
@@ -296,8 +296,8 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
 
 
 def test_health_and_readiness_answer_head_probes(server):
-    for path in ("/healthz", "/readyz"):
-        status, _, body = server.request("HEAD", path)
+    for status, _, body in (server.request("HEAD", "/healthz"), server.admin("HEAD", "/healthz"),
+                            server.admin("HEAD", "/readyz")):
         assert status == 200 and body == b""
 
 

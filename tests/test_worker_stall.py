@@ -232,7 +232,7 @@ def test_framing_that_cannot_come_right_is_refused_at_once(server, framing):
     assert b"connection: close" in answer.lower() and b'{"error": ' in answer
     assert took < 0.2, f"{took:.2f} s"
     status = answer[9:12].decode()
-    text = server.request("GET", "/metrics")[2].decode()
+    text = server.admin("GET", "/metrics")[2].decode()
     assert f'bidder_refused_requests_total{{status="{status}"}}' in text
 
 
