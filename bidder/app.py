@@ -28,7 +28,7 @@ from bidder.featurestore import UNWRITTEN_MAX, FeatureStore, frequency_key, pars
 from bidder.ledger import Ledger, Notice
 from bidder.logs import FaultLog
 from bidder.notices import NoticeError, NoticeSigner
-from bidder.openrtb import InvalidRequest, decode_request, encode_response
+from bidder.openrtb import InvalidRequest, decode, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
@@ -117,9 +117,11 @@ class BidResource:
     def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
         body = self._read_body(req)
         try:
-            request = decode_request(body)
+            request, lenient = decode(body)
         except (msgspec.DecodeError, InvalidRequest) as exc:
             raise BadRequest(f"invalid OpenRTB 2.6 BidRequest: {exc}")
+        if lenient:
+            metrics.tally.inc(metrics.LENIENT)
         tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
         deadline = arrived + tmax_s - min(self.margin_s, tmax_s / 2)
         try:

@@ -36,6 +36,9 @@ BIDS = Counter("bidder_bids_total", "Bids returned (one per imp bid on).")
 BAD_REQUESTS = Counter("bidder_bad_requests_total",
                        "Requests on any path refused with a 4xx (bids, notices, unknown paths), "
                        "by status.", ["status"])
+LENIENT = Counter("bidder_lenient_requests_total",
+                  "Bid requests whose numbers needed lenient decoding (a string or an integral "
+                  "float in an integer or float field).")
 LATENCY = Histogram("bidder_bid_latency_seconds", "Time from arrival to answer on /openrtb2/bid.",
                     buckets=LATENCY_BUCKETS)
 FEATURE_STORE = Counter("bidder_feature_store_lookups_total",
