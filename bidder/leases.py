@@ -60,6 +60,10 @@ class Clock:
                 raise ValueError(f"budget clock {spec!r}: RATE must be positive")
             self.sim_start, self.wall_start, self.rate = sim, wall, rate
 
+    def set(self, sim_now: float, rate: float = 1.0) -> None:
+        """Budget time is ``sim_now`` at this wall instant and runs ``rate`` times as fast."""
+        self.sim_start, self.wall_start, self.rate = sim_now, time.time(), rate
+
     def of(self, wall: float) -> float:
         if self.rate == 1.0 and self.sim_start == self.wall_start:
             return wall
