@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     stack.log(f"placement: {placement.note}")
     levels: list[Level] = []
     gen_out = os.path.join(logs, "overload-generator.json")
-    with EmbeddedMemcached() as memcached:
+    with EmbeddedMemcached(unix_socket=args.unix_memcached) as memcached:
         placement.confine_helper(memcached.process.pid)
         stack.log(f"embedded memcached on {memcached.address}; seeding {args.users} users")
         stack.seed_users(memcached.address, args.users)
