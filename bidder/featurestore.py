@@ -172,8 +172,8 @@ class LookupClient(Client):
         if not keys:
             return {}
         command = "get " + " ".join(keys)
-        if (not command.isascii() or not command.isprintable() or len(command.split()) != len(keys) + 1
-                or max(map(len, keys)) > MAX_KEY):
+        if (not command.isascii() or not command.isprintable()
+                or len(command.split()) != len(keys) + 1 or max(map(len, keys)) > MAX_KEY):
             raise ValueError(f"not memcached keys (printable ASCII, no spaces, <= {MAX_KEY} "
                              f"bytes): {keys!r}")
         if self.sock is None:
