@@ -195,6 +195,8 @@ def test_a_bug_raises_and_does_not_mark_the_server_down(memcached):
     store = store_for(memcached.address)
     with pytest.raises(ValueError, match="not memcached keys"):
         store.lookup(["u:with space"], [], 1.0)
+    with pytest.raises(ValueError, match="not memcached keys"):
+        store.count_impression("f:c1:" + "x" * 300, 60)
     assert store.last_error is None and not any(s.down_until for s in store.shards.values())
     assert store.lookup([user_key(world.user_id(3))], [], 1.0)[0].segments == \
         list(world.user_segments(3))
