@@ -28,7 +28,7 @@ from bidder.featurestore import UNWRITTEN_MAX, FeatureStore, frequency_key, pars
 from bidder.ledger import Ledger, Notice
 from bidder.logs import FaultLog
 from bidder.notices import NoticeError, NoticeSigner
-from bidder.openrtb import InvalidRequest, decode_request, encode_response
+from bidder.openrtb import InvalidRequest, decode, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
@@ -63,9 +63,9 @@ class ProcessState:
         Ledger(settings.ledger).close()  # fail at start, not on the first billing notice
         self._local = threading.local()
         self._unwritten: deque = deque(maxlen=UNWRITTEN_MAX)  # shared by this process's stores
-        os.register_at_fork(after_in_child=self._forget)
 
-    def _forget(self) -> None:
+    def after_fork(self) -> None:
+        """In a new worker (the ``post_fork`` hook): forget the master's clients and kept counts."""
         self._local = threading.local()
         self._unwritten = deque(maxlen=UNWRITTEN_MAX)
 
@@ -117,9 +117,11 @@ class BidResource:
     def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
         body = self._read_body(req)
         try:
-            request = decode_request(body)
+            request, lenient = decode(body)
         except (msgspec.DecodeError, InvalidRequest) as exc:
             raise BadRequest(f"invalid OpenRTB 2.6 BidRequest: {exc}")
+        if lenient:
+            metrics.tally.inc(metrics.LENIENT)
         tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
         deadline = arrived + tmax_s - min(self.margin_s, tmax_s / 2)
         try:
@@ -350,10 +352,12 @@ class BidderApp(falcon.App):
     """The bid app (bid, notices, ``/healthz``), Gunicorn's WSGI callable on both listeners: a
     request that came in on the admin listener (``--admin-bind``; Gunicorn sets ``SERVER_PORT``
     from the listening socket) goes to ``admin`` (``/metrics``, ``/readyz``, ``/healthz``), so
-    spend, campaign ids and file paths never answer on the port exchanges call. Holds the model
-    handle so the master can reload it on SIGHUP."""
+    spend, campaign ids and file paths never answer on the port exchanges call. Holds what the
+    life cycle hooks of ``bidder/serve.py`` act on: the model handle (reloaded on SIGHUP,
+    watched in each worker) and the per-process state."""
 
     models: ModelHandle
+    state: ProcessState
     admin: falcon.App
     admin_port: str
 
@@ -377,8 +381,6 @@ def create_app(settings: Settings) -> BidderApp:
     signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret)
     auction = Auction(catalog, rates, signer)
     auction.scoring_terms(models.current)  # computed before fork, shared by workers
-    # each worker watches the model file from a thread of its own, so no request pays for a load
-    os.register_at_fork(after_in_child=models.start_watcher)
     try:
         state = ProcessState(settings)
     except ValueError as exc:  # a --memcached address that is neither HOST:PORT nor unix:PATH
@@ -400,6 +402,7 @@ def create_app(settings: Settings) -> BidderApp:
     app.add_route("/notice/{kind}", NoticeResource(auction, state))
     app.add_route("/healthz", HealthResource())
     app.models = models
+    app.state = state
     app.admin = admin = falcon.App(media_type=falcon.MEDIA_JSON)
     admin.resp_options.media_handlers = app.resp_options.media_handlers
     admin.set_error_serializer(_error_serializer)

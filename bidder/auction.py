@@ -2,7 +2,8 @@
 
 Order of work, cheapest first, so a request that cannot be bid on costs little:
 response currency -> campaign-level eligibility (targeting, blocks, seats,
-budget) -> per imp: banner, size, secure and deal eligibility (``ImpPlan``) ->
+budget) -> per imp: the creatives of every format it offers (banner sizes,
+video, native), secure and deal eligibility (``ImpPlan``) ->
 one memcached round trip (user features + frequency counters), only when some
 imp can be bid on -> per imp: one model call over every eligible campaign x
 creative, the best candidate that clears its floor.
@@ -24,6 +25,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
+from bidder import native, video
 from bidder.budget import Budgets
 from bidder.catalog import Bits, Campaign, Candidates, Catalog
 from bidder.currency import Rates
@@ -39,9 +41,11 @@ from models.world import inventory_key
 FIRST_PRICE_SHADE = 0.85  # first-price auctions (at=1): bid this share of the expected value
 SHAPE_CACHE_SIZE = 8192  # shapes remembered per process, in each cache
 T = TypeVar("T")
-# No-bid reasons of one imp, from the one closest to a bid.
-IMP_REASON_RANK = ("below_floor", "no_creative_fits", "no_deal_in_private_auction",
-                   "floor_currency_unknown", "no_banner_size", "no_banner_imp")
+# No-bid reasons of one imp, from the one closest to a bid. no_creative_fits: banner.
+IMP_REASON_RANK = ("below_floor", "no_creative_fits", "no_video_creative_fits",
+                   "no_native_creative_fits", "no_deal_in_private_auction",
+                   "floor_currency_unknown", "no_banner_size", "no_supported_format")
+MTYPE = {"banner": 1, "video": 2, "native": 4}  # 2.6 Bid.mtype
 
 
 def country_of(r: BidRequest) -> str | None:
@@ -173,12 +177,12 @@ class Auction:
         self._plans: dict[tuple, Candidates | NoBid] = {}  # imps without pmp, by shape
 
     def candidate_features(self, hash_bits: int) -> np.ndarray:
-        """(candidates, 3) feature indices, hashed once per model hash size."""
+        """(candidates, 4) feature indices, hashed once per model hash size."""
         feats = self._cand_features.get(hash_bits)
         if feats is None:
             feats = F.candidate_indices(
-                ({"campaign": c.id, "creative": cr.id, "size": F.size_key(cr.w, cr.h)}
-                 for c, cr in self.catalog.candidates), hash_bits)
+                ({"campaign": c.id, "creative": cr.id, "size": F.size_key(*cr.size),
+                  "format": cr.format} for c, cr in self.catalog.candidates), hash_bits)
             self._cand_features[hash_bits] = feats
         return feats
 
@@ -368,17 +372,23 @@ class Auction:
 
     def plan_imp(self, imp: Imp, campaigns: Bits, auction_type: int) -> ImpPlan | NoBid:
         """The candidates that may bid on ``imp`` and the deal each campaign would bid through:
-        everything of an imp that does not need the user's features. Without ``pmp`` it is
-        cached by the imp's shape (every field ``plan_by_shape`` reads) and ``campaigns``;
-        imps with deals are planned each time (their deals carry floors and seats)."""
-        banner = imp.banner
-        if banner is None:
-            return NoBid("no_banner_imp")
-        sizes = banner_sizes(banner)
+        everything of an imp that does not need the user's features. An imp that offers
+        several formats gets the fitting creatives of each, scored together. Without ``pmp``
+        it is cached by the imp's shape (every field ``plan_by_shape`` reads) and
+        ``campaigns``; imps with deals are planned each time (their deals carry floors and
+        seats)."""
+        banner, video_imp, native_imp = imp.banner, imp.video, imp.native
+        if banner is None and video_imp is None and native_imp is None:
+            return NoBid("no_supported_format")  # audio, or nothing at all
+        sizes = banner_sizes(banner) if banner is not None else ()
         if imp.pmp is not None:
             return self.plan_by_shape(imp, sizes, campaigns, auction_type)
-        key = (sizes, imp.bidfloorcur, imp.secure == 1, tuple(banner.btype or ()),
-               tuple(banner.battr or ()), campaigns)
+        key = (sizes, imp.bidfloorcur, imp.secure == 1,
+               tuple(banner.btype or ()) if banner is not None else None,
+               tuple(banner.battr or ()) if banner is not None else None, campaigns,
+               None if video_imp is None else video.fit_key(video_imp),
+               None if native_imp is None else (native.request_key(native_imp.request),
+                                                tuple(native_imp.battr or ())))
         found = self._plans.get(key)
         if found is None:
             plan = self.plan_by_shape(imp, sizes, campaigns, auction_type)
@@ -389,15 +399,28 @@ class Auction:
     def plan_by_shape(self, imp: Imp, sizes: tuple[tuple[int, int], ...], campaigns: Bits,
                       auction_type: int) -> ImpPlan | NoBid:
         """``plan_imp`` itself: reads ``sizes``, ``imp.bidfloorcur``, ``imp.secure``,
-        ``imp.banner.btype`` and ``battr``, and ``imp.pmp`` (never cached)."""
+        ``imp.banner.btype`` and ``battr``, what ``video.fit_key`` reads of ``imp.video``,
+        ``imp.native``'s request key and ``battr``, and ``imp.pmp`` (never cached)."""
         cat = self.catalog
-        banner = imp.banner
-        if not sizes:
-            return NoBid("no_banner_size")
+        banner, video_imp, native_imp = imp.banner, imp.video, imp.native
+        reasons: list[NoBid] = []  # why an offered format can take no creative
+        if banner is not None and not sizes:
+            reasons.append(NoBid("no_banner_size"))
+            if video_imp is None and native_imp is None:
+                return reasons[0]
         if not self.rates.knows(imp.bidfloorcur):
             return NoBid("floor_currency_unknown")
-        if not cat.fits_any(sizes):
-            return NoBid("no_creative_fits")
+        if sizes and not cat.fits_any(sizes):
+            reasons.append(NoBid("no_creative_fits"))
+            sizes = ()
+        if video_imp is not None and not cat.has_video:
+            reasons.append(NoBid("no_video_creative_fits"))
+            video_imp = None
+        if native_imp is not None and not cat.has_native:
+            reasons.append(NoBid("no_native_creative_fits"))
+            native_imp = None
+        if not (sizes or video_imp or native_imp):
+            return closest_reason(reasons)
 
         # Deals: a campaign in one of the imp's deals bids on it, at that deal's floor; in an open
         # auction, one whose value is under its deal's floor may still bid without the deal.
@@ -424,12 +447,31 @@ class Auction:
                 campaigns &= in_deal
                 if not campaigns:
                     return NoBid("no_deal_in_private_auction")
-        candidates = cat.eligible_candidates(campaigns, sizes, imp.secure == 1,
-                                             tuple(banner.btype) if banner.btype else (),
-                                             tuple(banner.battr) if banner.battr else ())
-        if not candidates.campaigns:
-            return NoBid("no_creative_fits")
-        return ImpPlan(imp, candidates, deal_of)
+        secure = imp.secure == 1
+        found: list[Candidates] = []
+        if sizes:
+            candidates = cat.eligible_candidates(campaigns, sizes, secure,
+                                                 tuple(banner.btype) if banner.btype else (),
+                                                 tuple(banner.battr) if banner.battr else ())
+            if candidates.campaigns:
+                found.append(candidates)
+            else:
+                reasons.append(NoBid("no_creative_fits"))
+        if video_imp is not None:
+            candidates = cat.eligible_video(campaigns, video_imp, secure)
+            if candidates.campaigns:
+                found.append(candidates)
+            else:
+                reasons.append(NoBid("no_video_creative_fits"))
+        if native_imp is not None:
+            candidates = cat.eligible_native(campaigns, native_imp, secure)
+            if candidates.campaigns:
+                found.append(candidates)
+            else:
+                reasons.append(NoBid("no_native_creative_fits"))
+        if not found:
+            return closest_reason(reasons)
+        return ImpPlan(imp, found[0] if len(found) == 1 else Candidates.union(found), deal_of)
 
     def bid_imp(self, r: BidRequest, plan: ImpPlan, shared: tuple,
                 terms: tuple[np.ndarray, ...], model, currency: str,
@@ -469,8 +511,15 @@ class Auction:
         bid_id = os.urandom(8).hex()
         nurl, burl = self.signer.urls(bid_id, imp.id, campaign.id, creative.id, identity,
                                       currency, r.test, price)
+        if creative.format == "video":
+            adm = video.markup(creative, imp.video, creative.id)
+        elif creative.format == "native":
+            adm = native.markup(creative, imp.native.request)
+        else:
+            adm = creative.adm
         return campaign.seat, Bid(
-            id=bid_id, impid=imp.id, price=price, adm=creative.adm, nurl=nurl, burl=burl,
+            id=bid_id, impid=imp.id, price=price, adm=adm, nurl=nurl, burl=burl,
             adomain=campaign.adomain, crid=creative.id, cid=campaign.id, cat=campaign.cat,
-            w=creative.w, h=creative.h, mtype=1, dealid=deal.id if deal is not None else None,
-            bundle=campaign.bundle, attr=creative.attr or None)
+            mtype=MTYPE[creative.format], w=creative.w, h=creative.h,
+            dealid=deal.id if deal is not None else None, bundle=campaign.bundle,
+            attr=creative.attr or None)

@@ -7,6 +7,10 @@ what to do, and the JSON path. Compiling builds, by plain functions, the campaig
 targeting value (``targeting_sets``, Python ints as bitsets) and one row per campaign x
 creative (a *candidate*) in numpy arrays (``candidate_arrays``), so a request's eligibility
 is a handful of ``&``s.
+
+A creative is a banner (the default ``format``), a video (an inline VAST document or the URL
+of one) or a native ad (title, images, texts, link); the fields of each format are checked
+together after decoding, the inline VAST by parsing it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import msgspec.inspect
 import numpy as np
 from msgspec import Meta
 
+from bidder import native, video
 from bidder.currency import Rates, to_micros
 from bidder.domains import domain_and_parents
 
@@ -60,6 +65,18 @@ CreativeId = Annotated[str, Meta(
 Pixels = Annotated[int, Meta(gt=0, description="w and h: the creative's size in pixels, "
                                                "positive integers")]
 Markup = Annotated[str, Meta(min_length=1, description="adm: the creative's markup, not empty")]
+CreativeFormat = Annotated[Literal["banner", "video", "native"], Meta(
+    description='format must be "banner" (the default), "video" or "native"')]
+Seconds = Annotated[int, Meta(gt=0, description="duration: the video's length in whole seconds")]
+MimeType = Annotated[str, Meta(
+    pattern=r"^[a-z]+/[A-Za-z0-9.+-]+\Z",
+    description="mimes: the video's MIME types, such as video/mp4 (what imp.video.mimes lists)")]
+VideoProtocol = Annotated[int, Meta(
+    ge=1, le=14, description="protocols: AdCOM 1.0 video protocol codes, 1 to 14 (e.g. 3 VAST "
+                             "3.0, 6 VAST 3.0 wrapper, 7 VAST 4.0)")]
+Url = Annotated[str, Meta(pattern=r"^https?://\S+\Z",
+                          description="use an absolute http(s) URL (https for secure inventory)")]
+Text = Annotated[str, Meta(pattern=r"\S", description="must not be empty")]
 BannerType = Annotated[Literal[1, 2, 3, 4], Meta(
     description=f"type must be one of {BANNER_TYPES} (1 XHTML text, 2 XHTML banner, "
                 "3 JavaScript, 4 iframe)")]
@@ -73,13 +90,63 @@ Impressions = Annotated[int, Meta(gt=0, description=FREQUENCY_CAP_ADVICE)]
 WindowSeconds = Annotated[int, Meta(ge=1, le=MAX_WINDOW_S, description=FREQUENCY_CAP_ADVICE)]
 
 
-class Creative(msgspec.Struct, forbid_unknown_fields=True):
-    id: CreativeId
+class Image(msgspec.Struct, forbid_unknown_fields=True):
+    """A native creative's image: its URL and size in pixels."""
+
+    url: Url
     w: Pixels
     h: Pixels
-    adm: Markup
+
+
+class Creative(msgspec.Struct, forbid_unknown_fields=True):
+    id: CreativeId
+    format: CreativeFormat = "banner"
+    w: Pixels | None = None  # banner and video
+    h: Pixels | None = None
+    attr: CreativeAttributes = []  # AdCOM 1.0 Creative Attributes, what battr may block
+    # banner
+    adm: Markup | None = None
     type: BannerType = 2  # banner ad type, what an imp's banner.btype may block
-    attr: CreativeAttributes = []  # AdCOM 1.0 Creative Attributes, what banner.battr may block
+    # video: an inline VAST document, or the URL of one (the bid carries a wrapper around it)
+    duration: Seconds | None = None
+    mimes: list[MimeType] = []
+    protocols: list[VideoProtocol] = []
+    vast: str | None = None
+    vast_url: Url | None = None
+    # native
+    title: Text | None = None
+    image: Image | None = None  # the main image (Native 1.2 image type 3)
+    icon: Image | None = None  # image type 1
+    sponsored: Text | None = None  # data type 1
+    description: Text | None = None  # data type 2
+    cta: Text | None = None  # data type 12, the call to action
+    link: Url | None = None  # where a click goes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The ``size`` model feature: w x h; a native creative's main image's."""
+        if self.format == "native":
+            return self.image.w, self.image.h
+        return self.w, self.h
+
+    def urls(self) -> str:
+        """Every text of the creative that may hold a URL its ad loads or links to."""
+        if self.format == "banner":
+            return self.adm
+        if self.format == "video":
+            return self.vast or self.vast_url
+        return " ".join(u for u in (self.image.url, self.icon.url if self.icon else None,
+                                    self.link) if u)
+
+
+# the fields only one format uses, and the ones it requires
+FORMAT_FIELDS = {
+    "banner": (("adm",), ("w", "h", "adm")),
+    "video": (("duration", "mimes", "protocols", "vast", "vast_url"),
+              ("w", "h", "duration", "mimes", "protocols")),
+    "native": (("title", "image", "icon", "sponsored", "description", "cta", "link"),
+               ("title", "image", "sponsored", "link")),
+}
 
 
 class FrequencyCap(msgspec.Struct, forbid_unknown_fields=True):
@@ -231,6 +298,44 @@ def _check_across_fields(c: Campaign, rates: Rates) -> None:
         seen.add(cr.id)
         if len(set(cr.attr)) < len(cr.attr):
             fail("attr", f"{cr.attr}: {CREATIVE_ATTRIBUTES_ADVICE}", cr)
+        problem = _format_problem(cr)
+        if problem is not None:
+            fail(problem[0], problem[1], cr)
+
+
+def _format_problem(cr: Creative) -> tuple[str, str] | None:
+    """(field, what is wrong) when ``cr`` lacks a field its format needs, has one of another
+    format, or its video cannot be played; None when it is whole."""
+    own, required = FORMAT_FIELDS[cr.format]
+    for other, (fields, _) in FORMAT_FIELDS.items():
+        for name in fields:
+            value = getattr(cr, name)
+            if other != cr.format and name not in own and value not in (None, []):
+                return name, f"is a field of {other} creatives; this one is {cr.format} (set " \
+                             f"\"format\": \"{other}\" if it is one)"
+    for name in required:
+        if getattr(cr, name) in (None, []):
+            return name, f"a {cr.format} creative needs {name} (see the README's catalog format)"
+    if cr.format != "video":
+        return None
+    if (cr.vast is None) == (cr.vast_url is None):
+        return "vast", "give either vast (an inline VAST document) or vast_url (a wrapper's target)"
+    if cr.vast is not None:
+        try:
+            vast = video.inspect(cr.vast)
+        except video.VastError as exc:
+            return "vast", f"not a playable inline VAST document: {exc}"
+        missing = sorted({m.lower() for m in cr.mimes} - vast.media_types)
+        if missing:
+            return "mimes", f"{missing} listed, but the VAST has no MediaFile of that type"
+        if not set(cr.protocols) & set(video.INLINE_PROTOCOLS):
+            return "protocols", f"{cr.protocols}: an inline VAST needs an inline protocol code " \
+                                f"({sorted(video.INLINE_PROTOCOLS)}, e.g. 3 for VAST 3.0)"
+    elif not set(cr.protocols) & set(video.WRAPPER_PROTOCOLS):
+        return "protocols", f"{cr.protocols}: a vast_url creative is bid as a VAST wrapper; " \
+                            f"list a wrapper code ({sorted(video.WRAPPER_PROTOCOLS)}, e.g. 6 " \
+                            "for a VAST 3.0 wrapper)"
+    return None
 
 
 Bits = int  # a set of campaigns: bit i is campaign i
@@ -244,6 +349,25 @@ class Candidates(NamedTuple):
     campaigns: Bits  # the campaigns of those rows
     campaign: np.ndarray
     value_per_mille: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray, arrays: "CandidateArrays") -> "Candidates":
+        """The candidates of ``rows``, their arrays read-only (they are cached and shared)."""
+        campaign = arrays.campaign[rows]
+        value_per_mille = arrays.value_per_mille[rows]
+        for array in (rows, campaign, value_per_mille):
+            array.flags.writeable = False
+        return cls(rows, sum(1 << i for i in set(campaign.tolist())), campaign, value_per_mille)
+
+    @classmethod
+    def union(cls, parts: list["Candidates"]) -> "Candidates":
+        """The candidates of several formats of one imp, scored together."""
+        campaigns = 0
+        for part in parts:
+            campaigns |= part.campaigns
+        return cls(np.concatenate([p.rows for p in parts]), campaigns,
+                   np.concatenate([p.campaign for p in parts]),
+                   np.concatenate([p.value_per_mille for p in parts]))
 
 
 def category_and_parent(category: str) -> tuple[str, str]:
@@ -285,7 +409,9 @@ class CandidateArrays:
     campaign: np.ndarray  # the campaign's index
     value_per_mille: np.ndarray  # value_per_click (USD) x 1000
     secure: np.ndarray  # no http:// URL in the markup (imp.secure=1 needs HTTPS throughout)
-    by_size: dict[tuple[int, int], np.ndarray]  # (w, h) -> rows of that size
+    by_size: dict[tuple[int, int], np.ndarray]  # (w, h) -> banner rows of that size
+    video: np.ndarray  # the row numbers of video creatives
+    native: np.ndarray  # the row numbers of native creatives
     by_type: dict[int, np.ndarray]  # banner ad type -> rows of that type
     by_attr: dict[int, np.ndarray]  # creative attribute -> rows that declare it
 
@@ -340,13 +466,18 @@ def candidate_arrays(candidates: list[tuple[Campaign, Creative]], index: dict[st
     n = len(candidates)
     by_size: dict[tuple[int, int], np.ndarray] = {}
     for k, (_, cr) in enumerate(candidates):
-        by_size.setdefault((cr.w, cr.h), np.zeros(n, dtype=bool))[k] = True
+        if cr.format == "banner":
+            by_size.setdefault((cr.w, cr.h), np.zeros(n, dtype=bool))[k] = True
     return CandidateArrays(
         campaign=np.array([index[c.id] for c, _ in candidates], dtype=np.intp),
         value_per_mille=np.array([rates.to_usd(c.value_per_click, c.currency) * 1000.0
                                   for c, _ in candidates]),
-        secure=np.array(["http://" not in cr.adm.lower() for _, cr in candidates], dtype=bool),
+        secure=np.array(["http://" not in cr.urls().lower() for _, cr in candidates], dtype=bool),
         by_size=by_size,
+        video=np.array([k for k, (_, cr) in enumerate(candidates) if cr.format == "video"],
+                       dtype=np.intp),
+        native=np.array([k for k, (_, cr) in enumerate(candidates) if cr.format == "native"],
+                        dtype=np.intp),
         by_type={t: np.array([cr.type == t for _, cr in candidates], dtype=bool)
                  for t in BANNER_TYPES},
         by_attr={a: np.array([a in cr.attr for _, cr in candidates], dtype=bool)
@@ -375,6 +506,8 @@ class Catalog:
             (c, cr) for c in campaigns for cr in c.creatives]
         self.sets = targeting_sets(campaigns)
         self.arrays = candidate_arrays(self.candidates, self.index, rates)
+        self.has_video = bool(len(self.arrays.video))
+        self.has_native = bool(len(self.arrays.native))
         self._n_bytes = (len(campaigns) + 7) // 8
         self._eligible: dict[tuple, Candidates] = {}
 
@@ -414,9 +547,6 @@ class Catalog:
         found = self._eligible.get(key)
         if found is None:
             arrays = self.arrays
-            packed = np.frombuffer(campaigns.to_bytes(self._n_bytes, "little"), dtype=np.uint8)
-            per_campaign = np.unpackbits(packed, count=len(self.campaigns), bitorder="little")
-            mask = per_campaign.view(bool)[arrays.campaign]
             fits = np.zeros(len(self.candidates), dtype=bool)
             for size in sizes:
                 fits |= arrays.by_size.get(size, False)
@@ -428,14 +558,50 @@ class Catalog:
             for a in blocked_attrs:
                 if a in arrays.by_attr:  # an attribute no creative has blocks nothing
                     fits &= ~arrays.by_attr[a]
-            rows = np.flatnonzero(mask & fits)
-            campaign = arrays.campaign[rows]
-            value_per_mille = arrays.value_per_mille[rows]
-            for array in (rows, campaign, value_per_mille):
-                array.flags.writeable = False
-            found = Candidates(rows, sum(1 << i for i in set(campaign.tolist())), campaign,
-                               value_per_mille)
-            if len(self._eligible) >= ELIGIBLE_CACHE_SIZE:
-                self._eligible.clear()
-            self._eligible[key] = found
+            found = self._remember(key, campaigns, fits)
+        return found
+
+    def eligible_video(self, campaigns: Bits, imp_video, secure: bool) -> Candidates:
+        """The video candidates of ``campaigns`` that fit ``imp_video`` (``bidder.video.fits``),
+        only HTTPS media when ``secure``; cached by what of the imp decides it."""
+        key = ("video", campaigns, secure, video.fit_key(imp_video))
+        found = self._eligible.get(key)
+        if found is None:
+            found = self._remember(key, campaigns, self._fitting(
+                self.arrays.video, secure, lambda cr: video.fits(cr, imp_video)))
+        return found
+
+    def eligible_native(self, campaigns: Bits, imp_native, secure: bool) -> Candidates:
+        """The native candidates of ``campaigns`` that fill every required asset of
+        ``imp_native.request`` (``bidder.native.fits``), no attribute in ``imp_native.battr``,
+        only HTTPS URLs when ``secure``; cached by what of the request decides it."""
+        request, battr = imp_native.request, set(imp_native.battr or ())
+        key = ("native", campaigns, secure, tuple(sorted(battr)), native.request_key(request))
+        found = self._eligible.get(key)
+        if found is None:
+            found = self._remember(key, campaigns, self._fitting(
+                self.arrays.native, secure,
+                lambda cr: not battr & set(cr.attr) and native.fits(cr, request)))
+        return found
+
+    def _fitting(self, rows: np.ndarray, secure: bool, fits) -> np.ndarray:
+        """A mask over every candidate: the ``rows`` whose creative ``fits``, HTTPS-only ones
+        when ``secure``."""
+        mask = np.zeros(len(self.candidates), dtype=bool)
+        for k in rows.tolist():
+            if (not secure or self.arrays.secure[k]) and fits(self.candidates[k][1]):
+                mask[k] = True
+        return mask
+
+    def _remember(self, key: tuple, campaigns: Bits, fits: np.ndarray) -> Candidates:
+        """The candidates of ``campaigns`` among the ``fits`` rows, read-only, cached under
+        ``key``."""
+        arrays = self.arrays
+        packed = np.frombuffer(campaigns.to_bytes(self._n_bytes, "little"), dtype=np.uint8)
+        per_campaign = np.unpackbits(packed, count=len(self.campaigns), bitorder="little")
+        rows = np.flatnonzero(per_campaign.view(bool)[arrays.campaign] & fits)
+        found = Candidates.of(rows, arrays)
+        if len(self._eligible) >= ELIGIBLE_CACHE_SIZE:
+            self._eligible.clear()
+        self._eligible[key] = found
         return found

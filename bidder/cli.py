@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from contextlib import nullcontext
+
+from bidder import metrics_dir
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("bidder.serve", "Run the bid server (Gunicorn master + pinned prefork workers)."),
@@ -60,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] = argv  # Gunicorn's arbiter keeps sys.argv to re-execute itself (USR2)
     argv = sys.argv[1:]
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
-    return int(args.run(args) or 0)
+    # the server's metrics directory exists before its modules import prometheus_client
+    with metrics_dir.fresh() if command == "serve" else nullcontext():
+        args = build_parser(command).parse_args(argv)
+        return int(args.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Prometheus metrics shared by all workers of one server (multiprocess mode).
 
-``bidder serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory in the
-master before anything imports prometheus_client, so every worker's samples
-are summed (or listed per pid) when any worker answers ``GET /metrics``.
+The CLI entry points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before
+anything imports prometheus_client (``bidder/metrics_dir.py``), so every worker's
+samples are summed (or listed per pid) when any worker answers ``GET /metrics``.
 
 The bid path does not write those files per request: ``tally`` adds its counts
 and latencies up in the process, and a daemon thread writes the sums every
@@ -36,6 +36,9 @@ BIDS = Counter("bidder_bids_total", "Bids returned (one per imp bid on).")
 BAD_REQUESTS = Counter("bidder_bad_requests_total",
                        "Requests on any path refused with a 4xx (bids, notices, unknown paths), "
                        "by status.", ["status"])
+LENIENT = Counter("bidder_lenient_requests_total",
+                  "Bid requests whose numbers needed lenient decoding (a string or an integral "
+                  "float in an integer or float field).")
 LATENCY = Histogram("bidder_bid_latency_seconds", "Time from arrival to answer on /openrtb2/bid.",
                     buckets=LATENCY_BUCKETS)
 FEATURE_STORE = Counter("bidder_feature_store_lookups_total",
@@ -71,14 +74,14 @@ class Tally:
         self._reset()
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
-        os.register_at_fork(after_in_child=self._after_fork)
 
     def _reset(self) -> None:
         self._counts: dict = {}
         self._observed = [0] * (len(self._bounds) + 1)  # the last one is +Inf
         self._observed_sum = 0.0
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
+        """In a new worker (the ``post_fork`` hook): a tally of its own, its own flusher."""
         self._lock = threading.Lock()
         self._reset()  # the parent's pending counts are the parent's to write
         self._flusher = None

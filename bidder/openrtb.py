@@ -1,10 +1,13 @@
 """OpenRTB 2.6 BidRequest / BidResponse as typed msgspec structs.
 
 Only the objects and fields the bidder reads are declared; every other field
-(``ext``, ``regs``, ``source``, video, native...) is skipped by the decoder
-without being built. Types are strict: ``"bidfloor": "0.5"`` is a 400, as the
-specification types it as a float; ``null`` means absent (some exchange stacks
-write absent optionals as null). Field names and defaults follow 2.6.md; an
+(``ext``, ``source``, ``content``, audio...) is skipped by the decoder without
+being built. Types are read as real exchanges send them: a request is decoded
+strictly first and, only when that fails, again in msgspec's lax mode, where an
+integral float (``"w": 300.0``) or a numeric string (``"secure": "1"``,
+``"bidfloor": "0.5"``) fills an integer or float field (such requests are
+counted); anything else of the wrong type (``"w": 300.5``) is a 400. ``null``
+means absent (some exchange stacks write absent optionals as null). Field names and defaults follow 2.6.md; an
 enumerated value this bidder does not know (``at: 3``) is tolerated, as 2.6's
 versioning rules require, not refused.
 
@@ -13,10 +16,12 @@ structs are created and freed faster (decoding 1.87 -> 1.67 us a request).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from msgspec import Struct
+
+from bidder.native import NativeError, NativeRequest, parse_request
 
 
 class Format(Struct, omit_defaults=True, gc=False):
@@ -29,6 +34,30 @@ class Banner(Struct, omit_defaults=True, gc=False):
     w: int | None = None
     h: int | None = None
     btype: list[int] | None = None
+    battr: list[int] | None = None
+
+
+class Video(Struct, omit_defaults=True, gc=False):
+    """``imp.video``: what a video creative must match (2.6 section 3.2.7)."""
+
+    mimes: list[str] | None = None
+    minduration: int | None = None
+    maxduration: int | None = None
+    rqddurs: list[int] | None = None  # 2.6: the only durations allowed, instead of min/max
+    protocols: list[int] | None = None  # AdCOM 1.0 Creative Subtypes - Audio/Video
+    protocol: int | None = None  # 2.5, deprecated: a single protocol
+    w: int | None = None
+    h: int | None = None
+    linearity: int | None = None  # 1 linear (in-stream), 2 non-linear (overlay)
+    battr: list[int] | None = None
+
+
+class Native(NativeRequest, omit_defaults=True, gc=False):
+    """``imp.native``: ``request`` holds the Native 1.2 request as a JSON string (or, as some
+    exchanges send it, an object); the legacy form puts the request's own fields here.
+    ``decode_request`` replaces ``request`` with the parsed ``NativeRequest``."""
+
+    request: Any = None
     battr: list[int] | None = None
 
 
@@ -49,6 +78,8 @@ class Pmp(Struct, omit_defaults=True, gc=False):
 class Imp(Struct, omit_defaults=True, gc=False):
     id: str
     banner: Banner | None = None
+    video: Video | None = None
+    native: Native | None = None
     pmp: Pmp | None = None
     tagid: str | None = None
     bidfloor: float | None = 0.0
@@ -150,9 +181,9 @@ class Bid(Struct, omit_defaults=True, gc=False):
     crid: str
     cid: str
     cat: list[str]
-    w: int
-    h: int
-    mtype: int  # 2.6 markup type: 1 = banner
+    mtype: int  # 2.6 markup type: 1 banner, 2 video, 4 native
+    w: int | None = None  # banner and video; a native ad has no size of its own
+    h: int | None = None
     dealid: str | None = None
     bundle: str | None = None
     attr: list[int] | None = None  # the creative's attributes (AdCOM 1.0 Creative Attributes)
@@ -171,9 +202,11 @@ class BidResponse(Struct, omit_defaults=True, gc=False):
 
 
 REQUEST_DECODER = msgspec.json.Decoder(BidRequest)
+LENIENT_DECODER = msgspec.json.Decoder(BidRequest, strict=False)
 RESPONSE_ENCODER = msgspec.json.Encoder()
 
 
+MAX_FLOOR = 1e9  # CPM; past it a typo (and lax mode reads "inf" and "nan" strings as floats)
 MAX_TMAX_MS = 2**31 - 1  # ~24 days; JSON integers are unbounded, and past ~1e308 not even a float
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -182,15 +215,31 @@ class InvalidRequest(ValueError):
     """The body is JSON of the wrong shape or breaks a rule of the specification."""
 
 
+class Decoded(NamedTuple):
+    request: BidRequest
+    lenient: bool  # some number came as a string or an integral float (lax mode was needed)
+
+
 def decode_request(body: bytes) -> BidRequest:
-    """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``.
+    """Decode and validate a BidRequest; raise ``msgspec.DecodeError`` or ``InvalidRequest``."""
+    return decode(body).request
+
+
+def decode(body: bytes) -> Decoded:
+    """``decode_request``, also saying whether the request needed lenient decoding.
 
     A leading UTF-8 byte order mark is skipped (RFC 8259 8.1: receivers may ignore it).
+    Strict first (the common case pays nothing), then lax on a type error.
     """
     if body.startswith(UTF8_BOM):
         body = body[len(UTF8_BOM):]
+    lenient = False
     try:
-        request = REQUEST_DECODER.decode(body)
+        try:
+            request = REQUEST_DECODER.decode(body)
+        except msgspec.ValidationError:
+            request = LENIENT_DECODER.decode(body)  # still wrong: its error is the one reported
+            lenient = True
     except RecursionError:  # msgspec's depth limit, e.g. "ext": [[[[...]]]]; not a DecodeError
         raise InvalidRequest("JSON is nested too deeply for a BidRequest") from None
     except UnicodeDecodeError as exc:  # a string field with bytes that are not UTF-8
@@ -213,8 +262,8 @@ def decode_request(body: bytes) -> BidRequest:
         seen.add(imp.id)
         if imp.bidfloor is None:
             imp.bidfloor = 0.0
-        elif imp.bidfloor < 0:
-            raise InvalidRequest(f"Imp {imp.id!r}: bidfloor must be >= 0")
+        elif not 0 <= imp.bidfloor <= MAX_FLOOR:  # also NaN
+            raise InvalidRequest(f"Imp {imp.id!r}: bidfloor must be between 0 and {MAX_FLOOR:g}")
         # ISO-4217 codes, whatever the sender's case
         imp.bidfloorcur = imp.bidfloorcur.upper() if imp.bidfloorcur else "USD"
         if imp.pmp:
@@ -223,15 +272,22 @@ def decode_request(body: bytes) -> BidRequest:
             for deal in imp.pmp.deals or ():
                 if deal.bidfloor is None:
                     deal.bidfloor = 0.0
-                elif deal.bidfloor < 0:
-                    raise InvalidRequest(f"Imp {imp.id!r} deal {deal.id!r}: bidfloor must be >= 0")
+                elif not 0 <= deal.bidfloor <= MAX_FLOOR:
+                    raise InvalidRequest(f"Imp {imp.id!r} deal {deal.id!r}: bidfloor must be "
+                                         f"between 0 and {MAX_FLOOR:g}")
                 deal.bidfloorcur = deal.bidfloorcur.upper() if deal.bidfloorcur else "USD"
+        if imp.native is not None:
+            try:
+                imp.native.request, lax = parse_request(imp.native)
+            except NativeError as exc:
+                raise InvalidRequest(f"Imp {imp.id!r}: native: {exc}") from None
+            lenient |= lax
     if request.cur:
         request.cur = [c.upper() for c in request.cur]
     if request.tmax is not None and not 0 < request.tmax <= MAX_TMAX_MS:
         raise InvalidRequest(
             f"tmax must be a positive number of milliseconds, at most {MAX_TMAX_MS}")
-    return request
+    return Decoded(request, lenient)
 
 
 def encode_response(response: BidResponse) -> bytes:

@@ -70,6 +70,7 @@ SETTINGS: tuple[Setting, ...] = (
             "wait in the worker's poller, not in a thread.", type=number(int, 1)),
     _HOOKS["offload_paths"],
     _HOOKS["fast_path"],
+    _HOOKS["deadline_paths"],
     Setting("keepalive", "--keepalive", 30, "Seconds an idle keep-alive connection is held open.",
             type=number(int, 0)),
     Setting("worker_connections", "--worker-connections", 1000,

@@ -105,7 +105,7 @@ class StockGunicorn(stack.Server):
     def __init__(self, worker_class: str, workers: int, workdir: str,
                  cpus: str | None = None) -> None:
         super().__init__([], "none", workdir, cpus=cpus, app=HELLO_APP)
-        self.admin_url = self.url  # no admin listener: the hello app answers /readyz itself
+        self.admin_url = self.url  # no admin listener: hello-world answers /readyz on its port
         self.worker_class = worker_class
         self.n_workers = workers
 

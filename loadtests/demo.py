@@ -56,11 +56,18 @@ def serve_args(args: argparse.Namespace) -> list[str]:
     return argv + args.serve_arg
 
 
+FORMATS = {1: "banner", 2: "video", 4: "native"}  # Bid.mtype
+
+
 def show_bids(port: int, requests: list[tuple[bytes, dict[str, str]]], n: int) -> None:
-    """Send requests until ``n`` bids came back; print each bid and book its notices."""
+    """Send requests until ``n`` bids came back, including one of each format if the traffic
+    has it; print each bid shown and book its notices."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     shown = 0
+    unseen = set(FORMATS.values())
     for body, headers in requests:
+        if shown >= n and not unseen:
+            break
         conn.request("POST", "/openrtb2/bid", body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
@@ -71,20 +78,24 @@ def show_bids(port: int, requests: list[tuple[bytes, dict[str, str]]], n: int) -
         answer = json.loads(data)
         for seat in answer["seatbid"]:
             for bid in seat["bid"]:
-                print(f"  bid {bid['id']} imp={bid['impid']} campaign={bid['cid']} "
-                      f"creative={bid['crid']} {bid['w']}x{bid['h']} price={bid['price']:.4f} "
+                kind = FORMATS.get(bid["mtype"], str(bid["mtype"]))
+                if shown >= n and kind not in unseen:
+                    continue
+                unseen.discard(kind)
+                size = f" {bid['w']}x{bid['h']}" if "w" in bid else ""
+                print(f"  bid {bid['id']} imp={bid['impid']} {kind}{size} campaign={bid['cid']} "
+                      f"creative={bid['crid']} price={bid['price']:.4f} "
                       f"{answer.get('cur', 'USD')} CPM adomain={bid['adomain']}"
                       + (f" deal={bid['dealid']}" if bid.get("dealid") else ""))
+                print(f"    adm {bid['adm'][:100]}{'...' if len(bid['adm']) > 100 else ''}")
                 clearing = f"{bid['price'] * 0.9:.6f}"
-                for kind in ("nurl", "burl"):
-                    url = bid[kind].replace("${AUCTION_PRICE}", clearing)
+                for notice_kind in ("nurl", "burl"):
+                    url = bid[notice_kind].replace("${AUCTION_PRICE}", clearing)
                     path = url.split(str(port), 1)[1]
                     conn.request("GET", path)
                     notice = conn.getresponse()
-                    print(f"    {kind} -> {notice.status} {notice.read().decode()}")
-        shown += 1
-        if shown >= n:
-            break
+                    print(f"    {notice_kind} -> {notice.status} {notice.read().decode()}")
+                shown += 1
     conn.close()
 
 

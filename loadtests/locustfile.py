@@ -91,6 +91,9 @@ def _arguments(parser) -> None:
 
 @events.init.add_listener
 def _init(environment: Environment, **_: Any) -> None:
+    # gevent's loop time is stale by however long Locust took to import this file: a --run-time
+    # timer scheduled from it would end the run that much early (a 2 s run lasted 0.7 s)
+    gevent.get_hub().loop.update_now()
     if isinstance(environment.runner, MasterRunner):
         # a worker's last samples arrive in this message, before the master's test_stop
         environment.runner.register_message(

@@ -46,6 +46,9 @@ class Mix:
     multi_imp: float = 0.2           # 2..max_imps imps, else one
     max_imps: int = 3
     multi_format: float = 0.3        # banner.format lists several sizes
+    video: float = 0.1               # an imp is video only (VAST)
+    native: float = 0.1              # an imp is native only (Native 1.2)
+    banner_video: float = 0.05       # an imp offers banner and video; the rest are banner only
     known_user: float = 0.7          # user.id of a seeded user
     unknown_user: float = 0.2        # user.id nobody seeded; the rest send no user id
     users: int = 10_000              # seeded users: world.user_id(0 .. users-1)
@@ -91,6 +94,8 @@ class Mix:
                 raise ValueError(f"traffic mix: {f.name}={value} is not a share in [0, 1]")
         if self.known_user + self.unknown_user > 1.0:
             raise ValueError("traffic mix: known_user + unknown_user must not exceed 1")
+        if self.video + self.native + self.banner_video > 1.0:
+            raise ValueError("traffic mix: video + native + banner_video must not exceed 1")
         if self.eur + self.jpy > 1.0:
             raise ValueError("traffic mix: eur + jpy must not exceed 1")
         if self.max_imps < 1 or self.users < 1 or not self.tmax_ms:
@@ -113,7 +118,50 @@ def _floor(rng: random.Random, mix: Mix, cur: str) -> float:
     return round(value) if cur == "JPY" else round(value, 2)
 
 
+# Players and native layouts as exchanges describe them (the bundled catalog has creatives for them)
+VIDEO_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (1280, 720), (320, 480))
+VIDEO_MIMES = (["video/mp4"], ["video/mp4", "video/webm"], ["video/webm", "application/javascript"])
+VIDEO_PROTOCOLS = ([2, 3, 5, 6], [2, 3, 5, 6, 7, 8], [7, 8, 11, 12])
+
+
+def _video(rng: random.Random) -> dict[str, Any]:
+    w, h = rng.choice(VIDEO_SIZES)
+    return {"mimes": rng.choice(VIDEO_MIMES), "minduration": 5,
+            "maxduration": rng.choice((15, 30, 60)), "protocols": rng.choice(VIDEO_PROTOCOLS),
+            "w": w, "h": h, "linearity": 1, "plcmt": rng.choice((1, 2)), "startdelay": 0}
+
+
+def _native(rng: random.Random) -> dict[str, Any]:
+    """imp.native: a Native 1.2 request (title, main image, icon, sponsored, description, CTA),
+    mostly as a JSON string, sometimes as the object itself as some exchanges send it."""
+    main = ({"type": 3, "wmin": 600, "hmin": 314} if rng.random() < 0.7
+            else {"type": 3, "w": 1200, "h": 627})
+    assets = [{"id": 1, "required": 1, "title": {"len": rng.choice((25, 90, 140))}},
+              {"id": 2, "required": 1, "img": main},
+              {"id": 3, "required": int(rng.random() < 0.5), "img": {"type": 1, "wmin": 50,
+                                                                    "hmin": 50}},
+              {"id": 4, "required": 1, "data": {"type": 1, "len": 25}},
+              {"id": 5, "required": int(rng.random() < 0.3), "data": {"type": 2, "len": 140}},
+              {"id": 6, "required": 0, "data": {"type": 12, "len": 15}}]
+    request = {"ver": "1.2", "context": rng.choice((1, 2)), "plcmttype": rng.choice((1, 4)),
+               "plcmtcnt": 1, "assets": assets}
+    if rng.random() < 0.2:
+        return {"ver": "1.2", "request": request}
+    return {"ver": "1.2", "request": msgspec.json.encode(request).decode()}
+
+
 def _imp(rng: random.Random, mix: Mix, index: int, secure: int, cur: str) -> dict[str, Any]:
+    kind = "banner"
+    if mix.video or mix.native or mix.banner_video:  # no draw at all: banner-only traffic as before
+        draw = rng.random()
+        kind = ("video" if draw < mix.video else "native" if draw < mix.video + mix.native
+                else "banner_video" if draw < mix.video + mix.native + mix.banner_video
+                else "banner")
+    if kind in ("video", "native"):
+        imp: dict[str, Any] = {"id": str(index + 1), "secure": secure,
+                               "tagid": f"slot-{kind}-{index}"}
+        imp[kind] = _video(rng) if kind == "video" else _native(rng)
+        return _priced(rng, mix, imp, cur)
     w, h = rng.choice(world.SIZES)
     banner: dict[str, Any] = {"w": w, "h": h, "pos": rng.choice((0, 1, 3))}
     if rng.random() < mix.multi_format:
@@ -121,8 +169,15 @@ def _imp(rng: random.Random, mix: Mix, index: int, secure: int, cur: str) -> dic
         banner["format"] = [{"w": sw, "h": sh} for sw, sh in sizes]
     else:
         banner["format"] = [{"w": w, "h": h}]
-    imp: dict[str, Any] = {"id": str(index + 1), "banner": banner, "secure": secure,
-                           "tagid": f"slot-{w}x{h}-{index}"}
+    imp = {"id": str(index + 1), "banner": banner, "secure": secure,
+           "tagid": f"slot-{w}x{h}-{index}"}
+    if kind == "banner_video":
+        imp["video"] = _video(rng)
+    return _priced(rng, mix, imp, cur)
+
+
+def _priced(rng: random.Random, mix: Mix, imp: dict[str, Any], cur: str) -> dict[str, Any]:
+    """``imp`` with its floor and deals drawn."""
     if rng.random() < mix.floor:
         imp["bidfloor"], imp["bidfloorcur"] = _floor(rng, mix, cur), cur
     if rng.random() < mix.deal:  # deal floors sit above the open-auction floor, as sold

@@ -7,7 +7,9 @@ every candidate of a request in one matrix operation:
 * the *shared* part, the same for every candidate of one imp: request and user
   fields (``REQUEST_FIELDS`` and the multi-valued ``segment``);
 * the *candidate* part, one fixed-width row per campaign x creative
-  (``CANDIDATE_FIELDS``), precomputed once when the catalog is loaded.
+  (``CANDIDATE_FIELDS``), precomputed once when the catalog is loaded; its
+  ``format`` (banner, video, native) lets one auction score creatives of every
+  format an imp offers together.
 
 Indices are ``blake2b(field \\x1f value)`` truncated to the hash space, so the
 same value hashes the same in training, in the artifact and in every worker.
@@ -22,7 +24,10 @@ import numpy as np
 
 REQUEST_FIELDS: tuple[str, ...] = ("inventory", "devicetype", "os", "country", "hour")
 SEGMENT_FIELD = "segment"
-CANDIDATE_FIELDS: tuple[str, ...] = ("campaign", "creative", "size")
+CANDIDATE_FIELDS: tuple[str, ...] = ("campaign", "creative", "size", "format")
+FORMATS: tuple[str, ...] = ("banner", "video", "native")
+# The value of a field a row leaves out: logs and callers from before formats are banner.
+FIELD_DEFAULTS: dict[str, object] = {"format": "banner"}
 ALL_FIELDS: tuple[str, ...] = REQUEST_FIELDS + (SEGMENT_FIELD,) + CANDIDATE_FIELDS
 
 DEFAULT_HASH_BITS = 20
@@ -51,11 +56,13 @@ def shared_indices(
 def candidate_indices(
     candidates: Iterable[Mapping[str, object]], hash_bits: int = DEFAULT_HASH_BITS
 ) -> np.ndarray:
-    """One row of ``CANDIDATE_FIELDS`` indices per candidate, as an (n, 3) int64 matrix."""
-    rows = [[feature_index(f, c[f], hash_bits) for f in CANDIDATE_FIELDS] for c in candidates]
+    """One row of ``CANDIDATE_FIELDS`` indices per candidate, as an (n, 4) int64 matrix."""
+    rows = [[feature_index(f, c[f] if f in c else FIELD_DEFAULTS[f], hash_bits)
+             for f in CANDIDATE_FIELDS] for c in candidates]
     return np.asarray(rows, dtype=np.int64).reshape(-1, len(CANDIDATE_FIELDS))
 
 
 def size_key(w: int, h: int) -> str:
-    """The ``size`` feature value of a ``w`` x ``h`` creative."""
+    """The ``size`` feature value of a ``w`` x ``h`` creative (a native creative: its main
+    image's size)."""
     return f"{w}x{h}"

@@ -3,7 +3,8 @@
 The format (documented in docs/models.md) is one impression per line, tab
 separated, with a header line naming the columns: every field of
 ``models.features.ALL_FIELDS`` (``segment`` holds the user's segments joined
-by ``;``, empty for none) and ``click`` (0 or 1). Other columns are ignored,
+by ``;``, empty for none; ``format`` may be left out, every row is then a
+banner) and ``click`` (0 or 1). Other columns are ignored,
 except ``p_true``, the click probability of the synthetic ground truth, which
 ``bidder train`` reports metrics of when it is present.
 
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.features import ALL_FIELDS, CANDIDATE_FIELDS, REQUEST_FIELDS, SEGMENT_FIELD, feature_index
+from models.features import (ALL_FIELDS, CANDIDATE_FIELDS, FIELD_DEFAULTS, REQUEST_FIELDS,
+                             SEGMENT_FIELD, feature_index)
 
 PAD = -1
 LABEL = "click"
@@ -88,7 +90,7 @@ def read_tsv(path: str | Path, hash_bits: int) -> Impressions:
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{path}: empty file; expected a header line with {', '.join(ALL_FIELDS)}, {LABEL}")
-        missing = [c for c in (*ALL_FIELDS, LABEL) if c not in header]
+        missing = [c for c in (*ALL_FIELDS, LABEL) if c not in header and c not in FIELD_DEFAULTS]
         if missing:
             raise ValueError(f"{path}: header lacks column(s) {', '.join(missing)}; "
                              f"expected {', '.join((*ALL_FIELDS, LABEL))} (see docs/models.md)")
@@ -105,6 +107,8 @@ def read_tsv(path: str | Path, hash_bits: int) -> Impressions:
                 print(f"read {lineno - 1:,} rows of {path}", file=sys.stderr)
     if not columns[LABEL]:
         raise ValueError(f"{path}: no impressions after the header")
+    for c, default in FIELD_DEFAULTS.items():  # a log from before that column: every row default
+        columns.setdefault(c, [str(default)] * len(columns[LABEL]))
     try:
         y = np.asarray(columns[LABEL], dtype=np.float64)
     except ValueError:

@@ -9,7 +9,9 @@ pairwise interactions that a linear model cannot express:
 
 * user segment x campaign category (interest matches the ad),
 * country x campaign,
-* device type x banner size.
+* device type x creative size.
+
+Each creative format (banner, video, native) has a main effect of its own.
 
 Each interaction is low rank (built from small latent vectors), as in real
 logs and as a factorization machine can learn. ``interaction`` scales them
@@ -30,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from models import world
-from models.features import CANDIDATE_FIELDS, REQUEST_FIELDS, SEGMENT_FIELD, feature_index, size_key
+from models.features import (CANDIDATE_FIELDS, FORMATS, REQUEST_FIELDS, SEGMENT_FIELD,
+                             feature_index, size_key)
 from models.logs import PAD, Impressions, assemble, write_tsv
 
 # the bundled catalog of the sibling bidder package (a data file, not an import)
@@ -44,7 +47,7 @@ DEFAULT_INTERACTION = 0.15
 class Campaign:
     id: str
     category: str
-    creatives: tuple[tuple[str, str], ...]  # (creative id, size key)
+    creatives: tuple[tuple[str, str, str], ...]  # (creative id, size key, format)
     countries: frozenset[str] | None
     devicetypes: frozenset[int] | None
 
@@ -55,7 +58,8 @@ def load_catalog(path: Path | None = None) -> list[Campaign]:
     if not path.exists():
         sizes = [size_key(w, h) for w, h in world.SIZES]
         return [Campaign(f"c{i:02d}", world.IAB_CATEGORIES[i % 10],
-                         tuple((f"c{i:02d}-cr{j}", sizes[(i + j) % len(sizes)]) for j in (1, 2)),
+                         tuple((f"c{i:02d}-cr{j}", sizes[(i + j) % len(sizes)], "banner")
+                               for j in (1, 2)),
                          None, None) for i in range(1, 25)]
     out = []
     for c in json.loads(path.read_text())["campaigns"]:
@@ -65,11 +69,19 @@ def load_catalog(path: Path | None = None) -> list[Campaign]:
         out.append(Campaign(
             id=str(c["id"]),
             category=(c.get("cat") or ["IAB24"])[0].split("-")[0],
-            creatives=tuple((str(cr["id"]), size_key(cr["w"], cr["h"])) for cr in c["creatives"]),
+            creatives=tuple((str(cr["id"]), creative_size(cr), cr.get("format", "banner"))
+                            for cr in c["creatives"]),
             countries=frozenset(countries) if countries else None,
             devicetypes=frozenset(devicetypes) if devicetypes else None,
         ))
     return out
+
+
+def creative_size(creative: dict) -> str:
+    """The ``size`` value of a catalog creative: its w x h, a native one's main image's."""
+    if creative.get("format") == "native":
+        return size_key(creative["image"]["w"], creative["image"]["h"])
+    return size_key(creative["w"], creative["h"])
 
 
 def _popularity(rng: np.random.Generator, n: int, skew: float = 1.0) -> np.ndarray:
@@ -90,13 +102,17 @@ class GroundTruth:
         self.campaigns = campaigns
         self.inventory = [world.inventory_key(s, None) for s in world.SITES] + \
                          [world.inventory_key(None, a) for a in world.APPS]
-        self.creatives = [cr for c in campaigns for cr, _ in c.creatives]
+        self.creatives = [cr for c in campaigns for cr, _, _ in c.creatives]
         self.sizes = [size_key(w, h) for w, h in world.SIZES]
+        self.sizes += sorted({s for c in campaigns for _, s, _ in c.creatives} - set(self.sizes))
+        self.formats = list(FORMATS)
         cats = sorted({c.category for c in campaigns})
         self.campaign_cat = np.array([cats.index(c.category) for c in campaigns])
         self.creative_campaign = np.array([i for i, c in enumerate(campaigns) for _ in c.creatives])
-        self.creative_size = np.array([self.sizes.index(s) if s in self.sizes else 0
-                                       for c in campaigns for _, s in c.creatives])
+        self.creative_size = np.array([self.sizes.index(s) for c in campaigns
+                                       for _, s, _ in c.creatives])
+        self.creative_format = np.array([self.formats.index(f) for c in campaigns
+                                         for _, _, f in c.creatives], dtype=np.int64)
         n_c = len(campaigns)
         # Draw probabilities of the context.
         self.p_inventory = _popularity(rng, len(self.inventory))
@@ -116,6 +132,7 @@ class GroundTruth:
         self.w_campaign = rng.normal(0, 0.35, n_c)
         self.w_creative = rng.normal(0, 0.2, len(self.creatives))
         self.w_size = rng.normal(0, 0.25, len(self.sizes))
+        self.w_format = np.array([0.0, -0.4, 0.3])  # banner, video, native: fixed, not drawn
         # Low-rank interactions.
         s = interaction
         self.x_segment_cat = s * rng.normal(0, 0.5, (world.N_SEGMENTS, 3)) @ rng.normal(0, 0.5, (3, len(cats)))
@@ -145,7 +162,7 @@ class GroundTruth:
                 + self.w_os[d["os"]] + self.w_country[d["country"]] + self.w_hour[d["hour"]]
                 + user_seg[d["user"], d["campaign"]]
                 + self.w_campaign[d["campaign"]] + self.w_creative[d["creative"]]
-                + self.w_size[d["size"]]
+                + self.w_size[d["size"]] + self.w_format[d["format"]]
                 + self.x_country_campaign[d["country"], d["campaign"]]
                 + self.x_device_size[d["devicetype"], d["size"]])
 
@@ -167,6 +184,7 @@ class GroundTruth:
         counts = np.diff(first)
         d["creative"] = first[d["campaign"]] + (rng.random(n) * counts[d["campaign"]]).astype(np.int64)
         d["size"] = self.creative_size[d["creative"]]
+        d["format"] = self.creative_format[d["creative"]]
         return d
 
     def calibrate_intercept(self, base_ctr: float, rng: np.random.Generator) -> None:
@@ -217,7 +235,8 @@ class SyntheticLog:
         t = self.truth
         return {"inventory": t.inventory, "devicetype": list(world.DEVICETYPES), "os": list(world.OSES),
                 "country": list(world.COUNTRIES), "hour": list(range(24)),
-                "campaign": [c.id for c in t.campaigns], "creative": t.creatives, "size": t.sizes}
+                "campaign": [c.id for c in t.campaigns], "creative": t.creatives, "size": t.sizes,
+                "format": t.formats}
 
 
 def generate(n: int, seed: int = 0, interaction: float = DEFAULT_INTERACTION, base_ctr: float = DEFAULT_BASE_CTR,

@@ -48,6 +48,7 @@ REQUEST_LINE = re.compile(rb'(GET|POST) (/(?!/)[!"$&-~]*) HTTP/1\.([01])')
 FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 # Fields whose handling is Gunicorn's: framing, expectations, protocol switches.
 GUNICORN_FIELDS = frozenset({b"TRANSFER-ENCODING", b"EXPECT", b"UPGRADE", b"HTTP2-SETTINGS"})
+OPENRTB_VERSION = "2.6"  # of the bid app's answers (X-OpenRTB-Version), for the worker's no-bids
 KNOWN_NAMES = 1024  # header names remembered with their environ key (a peer cannot grow it more)
 
 INTERNAL_ERROR = ("<html>\n  <head>\n    <title>Internal Server Error</title>\n  </head>\n"
@@ -223,6 +224,17 @@ class FastPath:
         if self.log_access:
             self.access(environ, status, headers, len(body), time.monotonic() - started)
         return Answer(data, status, headers, len(body), close)
+
+    def nobid(self, request: Request, close: bool, reason: str) -> bytes:
+        """A 204 no-bid answered without the app (``X-Nobid-Reason: reason``), headed as the bid
+        app heads its own, with the OpenRTB version exchanges read on every answer."""
+        head = (f"{'HTTP/1.0' if request.http10 else 'HTTP/1.1'} 204 No Content\r\nServer: "
+                f"{SERVER}\r\nDate: {self._http_date()}\r\nConnection: "
+                f"{'close' if close else 'keep-alive'}\r\nX-OpenRTB-Version: {OPENRTB_VERSION}"
+                f"\r\nX-Nobid-Reason: {reason}\r\n\r\n")
+        if self.log_access:
+            self.access(request.environ, "204 No Content", [("X-Nobid-Reason", reason)], 0, 0.0)
+        return head.encode("latin-1")
 
     def _headers(self, app_headers: list) -> tuple[list[tuple[str, str]], int | None]:
         """The app's headers as Gunicorn sends them (hop-by-hop ones dropped, values stripped,

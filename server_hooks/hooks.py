@@ -1,8 +1,9 @@
-"""Gunicorn server hooks: the master/worker life cycle of the bid server, top to bottom.
+"""Gunicorn server hooks: the CPU slots, pinning and scheduling steps of the life cycle.
 
-``bidder serve`` installs these functions as Gunicorn's hooks. They read the
-resolved ``Settings`` from ``server.app.settings`` (the arbiter's application),
-or from ``BIDDER_*`` environment variables when Gunicorn is run directly.
+``bidder/serve.py`` wires the life cycle top to bottom and calls these from its
+hooks (a plain Gunicorn config can install them directly). They read the
+settings of ``server_hooks/settings.py`` from ``server.app.settings`` (the
+arbiter's application), or from ``BIDDER_*`` environment variables.
 
 Master: ``when_ready`` plans slot -> CPU once (a bad ``--cpu-map`` stops the
 start with a clear message), raises the open-files soft limit to the hard one

@@ -15,6 +15,12 @@ REFUSED = Counter("bidder_refused_requests_total",
                   "over the limit (413), not arrived whole within 3 s (408).", ["status"])
 for _status in ("400", "408", "413"):  # at 0 from the start, for rate() and increase()
     REFUSED.labels(_status)
+SHED = Counter("bidder_worker_nobids_total",
+               "Bid requests the worker answered 204 (X-Nobid-Reason) without calling the app: "
+               "deadline = taken up too late to answer within tmax less the safety margin, "
+               "counted from the kernel's receive time (an overloaded worker). Not in "
+               "bidder_requests_total or bidder_nobids_total, which the app counts.", ["reason"])
+SHED.labels("deadline")
 WORKER_INFO = Gauge("bidder_worker_info",
                     "1 per live worker: its slot, pid, the CPUs it may run on and its slice.",
                     ["slot", "pid", "cpus", "slice_ns"], multiprocess_mode="liveall")

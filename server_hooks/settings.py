@@ -94,6 +94,12 @@ SETTINGS: tuple[Setting, ...] = (
             "own short path: one recv, one send, no blocking-mode toggles; anything else goes to "
             "Gunicorn's parser. --no-fast-path sends every request through Gunicorn's parser "
             "(the same answers, more CPU: for comparison).", type=boolean, boolean=True),
+    Setting("deadline_paths", "--deadline-paths", "/openrtb2/bid",
+            "Path prefixes (comma-separated) of POSTs that carry an OpenRTB tmax. With --threads "
+            "1 and the fast path, such a request taken up too late to be answered within tmax "
+            "less --safety-margin-ms of its kernel receive time is answered 204 "
+            "(X-Nobid-Reason: deadline) by the worker, before its JSON is decoded. Empty: none.",
+            metavar="PREFIX,..."),
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.",
             type=number(int, 1)),

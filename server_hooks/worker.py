@@ -30,6 +30,7 @@ app duck-typed (``self.app.settings``): ``max_body_bytes``, ``offload_paths``, `
 from __future__ import annotations
 
 import io
+import math
 import selectors
 import socket
 import struct
@@ -47,7 +48,7 @@ from server_hooks.environ import READY_AT
 from server_hooks.fastpath import FastPath, Request
 from server_hooks.framing import (ARRIVAL_S, CONTINUE_100, REFUSALS, REFUSED_STATUS,
                                   SO_TIMESTAMPNS, TIMEOUT_408, TIMESTAMP_SPACE, Arrival, arrival,
-                                  kernel_arrival)
+                                  kernel_arrival, peek_tmax)
 from server_hooks.slots import ConnectionBoard
 
 # Kernel send/receive timeouts of a client socket: a backstop, as a request is handled only
@@ -64,6 +65,17 @@ PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # closing with unread input would reset it and can destroy the answer), in the poller.
 CLOSE_LINGER_S = 2.0
 CLOSE_DRAIN_BYTES = 65536
+
+# How often a long poll's requests are interrupted to accept waiting connections; how many
+# one accept may take at once, and how far above its least-loaded sibling that may put it.
+ACCEPT_EVERY_S = 0.001
+ACCEPT_BURST = 64
+ACCEPT_SLACK = 16
+
+# Weight of the latest poll in the moving average of the wall time per request with a
+# deadline the worker served (about the last 4 polls count): what one taken up now should
+# expect, preemption and all.
+SERVICE_WEIGHT = 0.25
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -84,6 +96,9 @@ class BalancedThreadWorker(ThreadWorker):
     _continued: set | frozenset = frozenset()  # idem
     _idle: dict | tuple = ()  # fast path: kept-alive connections, by expiry (empty unless fast)
     _closing: deque | tuple = ()  # fast path: closed connections awaiting the client's FIN
+    _deadline_paths: tuple = ()  # fast path: "POST /path" prefixes of requests with a tmax
+    _accept_at = 0.0  # when a long poll next looks for a waiting connection
+    _service_s = 0.0  # moving average of the wall time per such request served
 
     @property  # type: ignore[override]
     def nr_conns(self) -> int:
@@ -157,6 +172,20 @@ class BalancedThreadWorker(ThreadWorker):
             self._ready: list = []  # connections found readable by this poll
             self._closing = deque()
             self._scratch = bytearray(PEEK_BYTES)  # where a request's bytes are read to
+            self._bound_by_deadline(settings)
+
+    def _bound_by_deadline(self, settings) -> None:
+        """Read which requests carry a deadline (``deadline_paths``) and the app's rule for it
+        (``default_tmax_ms``, ``safety_margin_ms``): none without all three settings."""
+        paths = [p.strip() for p in (getattr(settings, "deadline_paths", "") or "").split(",")
+                 if p.strip()]
+        tmax_ms = getattr(settings, "default_tmax_ms", None)
+        margin_ms = getattr(settings, "safety_margin_ms", None)
+        if not paths or not tmax_ms or margin_ms is None:
+            return
+        self._deadline_paths = tuple(b"POST " + p.encode() for p in paths)
+        self._default_tmax_s = tmax_ms / 1000.0
+        self._margin_s = margin_ms / 1000.0
 
     def set_accept_enabled(self, enabled: bool) -> None:
         if enabled and not self._balancer.may_accept(self._conns):
@@ -196,12 +225,26 @@ class BalancedThreadWorker(ThreadWorker):
     # stalled client never blocks the worker.
 
     def accept(self, listener) -> None:
+        """Accept a connection (this worker's turn: the listener is registered) and, while
+        more are waiting, up to ACCEPT_BURST more as long as this worker holds no more than
+        ACCEPT_SLACK above its least-loaded sibling: an exchange opening its connections at
+        once must not wait for the workers to take turns one connection per poll (balancing
+        evens out the rest, see server_hooks.balance)."""
         if self.cfg.threads > 1:
             return super().accept(listener)
+        if not self._accept_one(listener):
+            return
+        for _ in range(ACCEPT_BURST):
+            if self._conns >= self.worker_connections \
+                    or not self._balancer.may_accept(self._conns - ACCEPT_SLACK) \
+                    or not self._accept_one(listener):
+                return
+
+    def _accept_one(self, listener) -> bool:
         try:
             client_sock, client_addr = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
+            return False
         self.nr_conns += 1
         # Kernel-level timeouts survive gthread's setblocking(True) while a request is read.
         stall = struct.pack("ll", IO_STALL_S, 0)
@@ -215,10 +258,11 @@ class BalancedThreadWorker(ThreadWorker):
             self._idle[conn] = None
             self.poller.register(client_sock, selectors.EVENT_READ,
                                  partial(self._on_readable, conn))
-            return
-        self.pending_conns.append(conn)
-        self.poller.register(client_sock, selectors.EVENT_READ,
-                             partial(self.on_pending_socket_readable, conn))
+        else:
+            self.pending_conns.append(conn)
+            self.poller.register(client_sock, selectors.EVENT_READ,
+                                 partial(self.on_pending_socket_readable, conn))
+        return True
 
     def enqueue_req(self, conn) -> None:
         """A connection Gunicorn's poller found readable (it is no longer registered)."""
@@ -424,12 +468,51 @@ class BalancedThreadWorker(ThreadWorker):
             peeked.append((self._ready_at if arrived is None else arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
+        # Plan the poll's requests in arrival order: one whose deadline will have passed by
+        # the time its turn comes (now, plus the app's time for each kept before it) is
+        # answered its no-bid at once, before any is served, so it waits for none of them.
+        turn = time.monotonic()
+        queue = []
         for arrived, conn, data in peeked:
-            self._serve(conn, data, arrived)
+            request = self._take(conn, data, arrived)
+            if request is None:
+                continue  # on Gunicorn's path, or gone
+            deadline = None
+            if self._deadline_paths and data.startswith(self._deadline_paths):
+                deadline = self._deadline(request, arrived)
+                # the first of a poll is served unless past its deadline already: the estimate
+                # is only ever corrected by serving (a worker that was descheduled for a while
+                # must not go on shedding everything)
+                if turn + (self._service_s if queue else 0.0) >= deadline:
+                    self._answer(conn, request, deadline, late=True)
+                    continue
+                turn += self._service_s
+            queue.append((conn, request, deadline))
+        started, served = time.monotonic(), 0
+        for n, (conn, request, deadline) in enumerate(queue):
+            late = deadline is not None and \
+                time.monotonic() + (self._service_s if n else 0.0) >= deadline
+            self._answer(conn, request, deadline, late)
+            served += deadline is not None and not late
+            if self._accepting and time.monotonic() >= self._accept_at:
+                self._accept_waiting()
+        if served:  # wall time per request served, whatever else it took (preemption, GC)
+            took = (time.monotonic() - started) / served
+            self._service_s += (took - self._service_s) * SERVICE_WEIGHT
 
-    def _serve(self, conn, data: bytes, arrived: float) -> None:
-        """Answer the request at the start of ``data`` (peeked from ``conn``) on the fast path
-        if it is whole and plain, else hand the connection to Gunicorn's path."""
+    def _accept_waiting(self) -> None:
+        """Take connections waiting in the listen backlog, if this worker's turn, between the
+        requests of a long poll (at most every ACCEPT_EVERY_S): the poller sees the listener
+        once a poll, and an exchange opening its connections at once would otherwise wait
+        for them one poll (up to a tmax) each, its first requests aging in the backlog."""
+        self._accept_at = time.monotonic() + ACCEPT_EVERY_S
+        if self._conns < self.worker_connections and self._balancer.may_accept(self._conns):
+            for listener in self.sockets:
+                self.accept(listener)
+
+    def _take(self, conn, data: bytes, arrived: float) -> Request | None:
+        """Read the request at the start of ``data`` (peeked from ``conn``) if it is whole and
+        plain; else hand the connection to Gunicorn's path (None)."""
         request = None
         if not (self._offload and data[data.find(b" "):].startswith(self._offload)):
             request = self._fast.parse(data, conn.client, conn.server)
@@ -438,7 +521,7 @@ class BalancedThreadWorker(ThreadWorker):
             self._head = data[:HEAD_PEEK]
             self._arrived_at = arrived
             self._settle(conn, arrival(data, self._head_limit, self._body_limit))
-            return
+            return None
         try:  # the bytes are in the kernel's buffer: this takes exactly the request's share
             taken = conn.sock.recv_into(self._scratch, request.size)
         except OSError:
@@ -446,12 +529,25 @@ class BalancedThreadWorker(ThreadWorker):
         if taken != request.size:
             self.poller.unregister(conn.sock)
             self._drop(conn)
-            return
+            return None
         request.environ[READY_AT] = arrived
-        self._answer(conn, request)
+        return request
 
-    def _answer(self, conn, request: Request) -> None:
-        """Call the app, send its answer, keep or close the connection."""
+    def _deadline(self, request: Request, arrived: float) -> float:
+        """When a request with a deadline must have been answered, as the app computes it: tmax
+        (read from the bytes, else the app's default) less the margin, from its arrival. A body
+        whose tmax cannot be read (gzip) gets none here (infinity): the app decides, shedding
+        it right after decoding if it is late."""
+        environ = request.environ
+        if environ.get("HTTP_CONTENT_ENCODING", "identity").lower() != "identity":
+            return math.inf
+        tmax_ms = peek_tmax(environ["wsgi.input"].getvalue())
+        tmax_s = tmax_ms / 1000.0 if tmax_ms else self._default_tmax_s
+        return arrived + tmax_s - min(self._margin_s, tmax_s / 2)
+
+    def _answer(self, conn, request: Request, deadline: float | None, late: bool) -> None:
+        """Call the app (or, ``late``, answer a deadline no-bid without it), send the answer,
+        keep or close the connection."""
         close = request.close or not self.alive or not self.cfg.keepalive \
             or self._keepalive_full_now() or self._balancer.should_shed(self._conns)
         self.nr += 1
@@ -460,10 +556,14 @@ class BalancedThreadWorker(ThreadWorker):
                 self.log.info("Autorestarting worker after current request.")
                 self.alive = False
             close = True
-        try:
-            data = self._fast.respond(request, conn.sock, close).data
-        except Exception as exc:  # as on Gunicorn's path: a 500, logged, and the connection closes
-            data, close = self._fast.internal_error(request, exc), True
+        if late:
+            metrics.SHED.labels("deadline").inc()
+            data = self._fast.nobid(request, close, "deadline")
+        else:
+            try:
+                data = self._fast.respond(request, conn.sock, close).data
+            except Exception as exc:  # as on Gunicorn's path: a 500, logged, and a close
+                data, close = self._fast.internal_error(request, exc), True
         if not self._send(conn.sock, data):
             self.poller.unregister(conn.sock)
             self._drop(conn)

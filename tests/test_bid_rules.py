@@ -140,7 +140,7 @@ def test_requests_no_imp_can_take_cost_no_memcached_round_trip(server):
     video = site_request()
     video["imp"] = [{"id": "1", "video": {"mimes": ["video/mp4"], "w": 640, "h": 360}}]
     status, headers, _ = server.bid(video)
-    assert status == 204 and headers["x-nobid-reason"] == "no_banner_imp"
+    assert status == 204 and headers["x-nobid-reason"] == "no_video_creative_fits"
     status, headers, _ = server.bid(site_request(w=1, h=1))
     assert status == 204 and headers["x-nobid-reason"] == "no_creative_fits"
     assert _feature_lookups(server) == before

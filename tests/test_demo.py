@@ -14,6 +14,9 @@ def test_demo_runs_end_to_end_and_reports():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "Sample bids" in out and " bid " in out
+    for kind in ("banner", "video", "native"):  # the bundled catalog and traffic have each
+        assert f" {kind} " in out, kind
+    assert "adm <VAST" in out and 'adm {"ver":"1.2","assets":[' in out
     assert "nurl -> 200" in out and "burl -> 200" in out and '"booked"' in out
     assert "latency ms (from intended send time): p50" in out and "p99" in out
     assert "Result: OK" in out

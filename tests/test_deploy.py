@@ -257,3 +257,21 @@ def wait_for_workers(server, count: int, gone: int | None = None, timeout: float
             return pids
         time.sleep(0.1)
     raise AssertionError(f"workers not {count}:\n{server.log()[-3000:]}")
+
+
+def test_type_notify_the_master_says_ready_once_it_listens(tmp_path):
+    """The unit's Type=notify: systemd learns of the start from READY=1 on $NOTIFY_SOCKET."""
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(60)
+        server = launch_server(tmp_path / "srv", "--workers", "1", ready=False,
+                               env={"NOTIFY_SOCKET": path})
+        try:
+            message = notify.recv(4096).decode()
+            assert "READY=1" in message, message
+            assert server.request("GET", "/healthz")[0] == 200  # listening when it said so
+        finally:
+            server.stop()

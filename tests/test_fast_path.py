@@ -149,7 +149,9 @@ def test_every_status_answers_alike(servers):
     # SERVER_PORT each path sets from the listening socket)
     metrics = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
     assert same_answers(servers, [metrics], 1)[0][0] == 404
-    assert [exchange(s.admin_port, [metrics], 1)[0][0] for s in servers] == [200, 200]
+    admin = [exchange(s.admin_port, [metrics], 1)[0] for s in servers]
+    assert [answer[0] for answer in admin] == [200, 200]
+    assert b'bidder_worker_nobids_total{reason="deadline"}' in admin[0][2]
     huge = post(b" " * 20000 + bid)  # over the limit with the slack: refused before the app
     assert same_answers(servers, [huge], 1)[0][0] == 413
     head = same_answers(servers, [b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"], 1)

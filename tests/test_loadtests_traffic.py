@@ -1,6 +1,8 @@
 """The generated OpenRTB 2.6 traffic: valid requests, configured proportions, deterministic."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loadtests import traffic
@@ -32,10 +34,21 @@ def test_every_body_is_a_valid_openrtb_request(requests):
         assert req["cur"] == ["USD"]
         assert req.get("tmax", 50) in traffic.Mix().tmax_ms
         for imp in req["imp"]:
-            banner = imp["banner"]
-            assert (banner["w"], banner["h"]) in world.SIZES
-            assert {"w": banner["w"], "h": banner["h"]} in banner["format"]
-            assert all((f["w"], f["h"]) in world.SIZES for f in banner["format"])
+            assert {"banner", "video", "native"} & imp.keys()
+            if "banner" in imp:
+                banner = imp["banner"]
+                assert (banner["w"], banner["h"]) in world.SIZES
+                assert {"w": banner["w"], "h": banner["h"]} in banner["format"]
+                assert all((f["w"], f["h"]) in world.SIZES for f in banner["format"])
+            if "video" in imp:
+                video = imp["video"]
+                assert (video["w"], video["h"]) in traffic.VIDEO_SIZES and video["mimes"]
+                assert video["minduration"] <= video["maxduration"] and video["protocols"]
+            if "native" in imp:
+                request = imp["native"]["request"]
+                request = json.loads(request) if isinstance(request, str) else request
+                assert request["ver"] == "1.2"
+                assert {a["id"] for a in request["assets"] if a["required"]} >= {1, 2, 4}
             if "bidfloor" in imp:
                 assert imp["bidfloor"] >= 0 and imp["bidfloorcur"] in traffic.USD_PER_UNIT
             for deal in imp.get("pmp", {}).get("deals", []):
@@ -55,6 +68,10 @@ def test_proportions_follow_the_mix(requests):
         == pytest.approx(mix.gzip, abs=0.02)
     assert share(requests, lambda _, r: "bcat" in r) == pytest.approx(mix.blocks, abs=0.04)
     assert share(requests, lambda _, r: r["at"] == 2) == pytest.approx(mix.second_price, abs=0.02)
+    kinds = [tuple(sorted({"banner", "video", "native"} & r["imp"][0].keys())) for _, r in requests]
+    assert kinds.count(("video",)) / N == pytest.approx(mix.video, abs=0.02)
+    assert kinds.count(("native",)) / N == pytest.approx(mix.native, abs=0.02)
+    assert kinds.count(("banner", "video")) / N == pytest.approx(mix.banner_video, abs=0.02)
     known = [r["user"]["id"] for _, r in requests
              if r.get("user", {}).get("id", "").startswith(world.USER_ID_PREFIX)]
     assert len(known) / N == pytest.approx(mix.known_user, abs=0.04)

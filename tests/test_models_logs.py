@@ -30,12 +30,20 @@ def test_rows_match_the_bid_path_hashing(tmp_path):
     cands = features.candidate_indices([{"campaign": "c01", "creative": "c01-cr1", "size": "300x250"}], 20)
     np.testing.assert_array_equal(row.X, logs.rows_from_shared(shared, cands))
     assert row.y.tolist() == [1.0] and row.p_true is None
+    # a log without a format column is banner; the format is a candidate feature of its own
+    banner = features.candidate_indices([{"campaign": "c01", "creative": "c01-cr1", "size": "300x250",
+                                          "format": "banner"}], 20)
+    np.testing.assert_array_equal(banner, cands)
+    video = features.candidate_indices([{"campaign": "c01", "creative": "c01-cr1", "size": "300x250",
+                                         "format": "video"}], 20)
+    assert (video != banner).tolist() == [[False, False, False, True]]
 
 
 @pytest.mark.parametrize("text,message", [
     ("", "empty file"),
     ("inventory\tclick\n", r"header lacks column\(s\) devicetype"),
-    ("\t".join((*features.ALL_FIELDS, "click")) + "\n" + "\t".join(["x"] * 9) + "\t2\n", "must hold 0 or 1"),
+    ("\t".join((*features.ALL_FIELDS, "click")) + "\n" + "\t".join(["x"] * len(features.ALL_FIELDS)) + "\t2\n",
+     "must hold 0 or 1"),
     ("\t".join((*features.ALL_FIELDS, "click")) + "\n" + "\t".join(["x"] * 4) + "\n", ":2: 4 columns"),
 ])
 def test_malformed_logs_are_refused_with_file_and_problem(tmp_path, text, message):

@@ -27,9 +27,10 @@ def test_shared_scoring_equals_row_scoring(model, segments, n):
     request = {"inventory": "app:com.example.chess", "devicetype": 4, "os": "Android",
                "country": "JPN", "hour": 21}
     shared = features.shared_indices(request, segments, model.hash_bits)
-    catalog = [(c.id, cr, size) for c in synthetic.load_catalog() for cr, size in c.creatives]
+    catalog = [(c.id, *creative) for c in synthetic.load_catalog() for creative in c.creatives]
     cands = features.candidate_indices(
-        [{"campaign": c, "creative": cr, "size": s} for c, cr, s in (catalog * 2)[:n]], model.hash_bits)
+        [{"campaign": c, "creative": cr, "size": s, "format": f} for c, cr, s, f in (catalog * 2)[:n]],
+        model.hash_bits)
     p = model.predict_proba_shared(shared, cands)
     assert p.shape == (n,) and p.dtype == np.float64
     np.testing.assert_allclose(p, model.predict_proba(rows_from_shared(shared, cands)), rtol=1e-9)
@@ -49,9 +50,10 @@ def test_kept_candidate_terms_score_any_subset_and_stay_unchanged(model):
     request = {"inventory": "site:news.example", "devicetype": 2, "os": "iOS", "country": "USA",
                "hour": 9}
     shared = features.shared_indices(request, (2, 9), model.hash_bits)
-    catalog = [(c.id, cr, size) for c in synthetic.load_catalog() for cr, size in c.creatives]
+    catalog = [(c.id, *creative) for c in synthetic.load_catalog() for creative in c.creatives]
     cands = features.candidate_indices(
-        [{"campaign": c, "creative": cr, "size": s} for c, cr, s in catalog], model.hash_bits)
+        [{"campaign": c, "creative": cr, "size": s, "format": f} for c, cr, s, f in catalog],
+        model.hash_bits)
     terms = model.candidate_terms(cands)
     before = [t.copy() for t in terms]
     for rows in (np.array([0]), np.array([len(cands) - 1, 2, 0]), np.arange(len(cands))):

@@ -35,8 +35,8 @@ def test_train_fm_on_a_tsv_log(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0, gen.stderr
     header = log.read_text().splitlines()[0].split("\t")
-    assert header[:10] == ["inventory", "devicetype", "os", "country", "hour", "segment", "campaign",
-                           "creative", "size", "click"]
+    assert header[:11] == ["inventory", "devicetype", "os", "country", "hour", "segment", "campaign",
+                           "creative", "size", "format", "click"]
     out = tmp_path / "fm.npz"
     proc = _bidder("train", "--data", str(log), "--model", "fm", "--hash-bits", "14", "--epochs", "1",
                    "--out", str(out), "--no-plot")

@@ -70,7 +70,10 @@ VIDEO_ONLY = {
 }
 
 NATIVE_ONLY = {
-    "id": "native-only-1", "imp": [{"id": "1", "native": {"request": "{\"ver\":\"1.2\"}",
+    "id": "native-only-1", "imp": [{"id": "1", "native": {"request": json.dumps({
+        "ver": "1.2", "assets": [{"id": 1, "required": 1, "title": {"len": 90}},
+                                 {"id": 2, "required": 1, "img": {"type": 3, "wmin": 600,
+                                                                  "hmin": 314}}]}),
                                                           "ver": "1.2"}}],
     "app": {"bundle": "com.example.maps"},
 }
@@ -108,7 +111,7 @@ def test_app_multi_imp(server):
     bids = [b for sb in response["seatbid"] for b in sb["bid"]]
     floors = {imp["id"]: imp["bidfloor"] for imp in APP_MULTI_IMP["imp"]}
     assert len({b["impid"] for b in bids}) == len(bids)
-    assert all(b["impid"] in ("top", "interstitial") for b in bids)
+    assert all(b["mtype"] == (2 if b["impid"] == "rewarded" else 1) for b in bids)
     assert all(b["price"] >= floors[b["impid"]] for b in bids)
 
 
@@ -122,8 +125,16 @@ def test_private_deal_with_foreign_seats(server):
                                              "no_campaign_targets_user", "no_creative_fits")
 
 
-@pytest.mark.parametrize("request_, reason", [(VIDEO_ONLY, "no_banner_imp"),
-                                              (NATIVE_ONLY, "no_banner_imp")])
-def test_formats_we_do_not_sell_are_a_clean_nobid(server, request_, reason):
-    status, headers, _ = answer(server, request_)
-    assert status == 204 and headers["x-nobid-reason"] == reason
+@pytest.mark.parametrize("request_, mtype", [(VIDEO_ONLY, 2), (NATIVE_ONLY, 4)])
+def test_video_and_native_imps_bid_from_the_bundled_catalog(server, request_, mtype):
+    status, headers, response = answer(server, request_)
+    assert status == 200, headers.get("x-nobid-reason")
+    [bid] = response["seatbid"][0]["bid"]
+    assert bid["mtype"] == mtype and bid["adm"]
+
+
+def test_formats_we_do_not_sell_are_a_clean_nobid(server):
+    audio = {"id": "audio-only-1", "imp": [{"id": "1", "audio": {"mimes": ["audio/mp4"]}}],
+             "site": {"domain": "music.example"}}
+    status, headers, _ = answer(server, audio)
+    assert status == 204 and headers["x-nobid-reason"] == "no_supported_format"

@@ -162,7 +162,7 @@ def test_catalog_refuses_values_that_would_never_match_or_misprice(tmp_path, whe
 @pytest.mark.parametrize("where, value, message", [
     (("creatives", 0, "w"), 0, r"creative 'us-autos-728x90', field 'w': .*positive.*"
                                r"at `\$\.campaigns\[1\]\.creatives\[0\]\.w`"),
-    (("creatives", 0, "w"), "wide", r"field 'w': .*Expected `int`, got `str`"),
+    (("creatives", 0, "w"), "wide", r"field 'w': .*Expected `int \| null`, got `str`"),
     (("creatives", 0, "type"), 5, r"field 'type': type must be one of \(1, 2, 3, 4\)"),
     (("creatives", 0, "adm"), "", r"field 'adm': adm: the creative's markup, not empty"),
     (("creatives",), [], r"field 'creatives': a campaign needs at least one creative"),

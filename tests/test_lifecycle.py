@@ -1,0 +1,93 @@
+"""The life cycle of bidder/serve.py: /metrics sums every worker, whatever the import order,
+and no per-process set-up hides outside the hooks."""
+from __future__ import annotations
+
+import ast
+import http.client
+import json
+import subprocess
+import sys
+import time
+
+from tests.test_layers import ROOT
+from tests.test_bid_http import site_request
+
+
+def _pid_of(conn: http.client.HTTPConnection) -> int:
+    conn.request("GET", "/healthz")
+    response = conn.getresponse()
+    return json.loads(response.read())["pid"]
+
+
+def _bid(conn: http.client.HTTPConnection) -> int:
+    conn.request("POST", "/openrtb2/bid", json.dumps(site_request()),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def _requests_total(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("bidder_bid_requests_total{"))
+
+
+def test_metrics_sum_the_bid_counts_of_every_worker(start_server, memcached):
+    """Two keep-alive connections held by two different workers, a known number of bids on
+    each: /metrics (answered by one of them) counts them all."""
+    server = start_server("--workers", "2", memcached=memcached.address)
+    deadline = time.monotonic() + 20
+    while True:  # the balanced worker spreads connections; open pairs until they differ
+        conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=5) for _ in "ab"]
+        pids = [_pid_of(conn) for conn in conns]
+        if pids[0] != pids[1]:
+            break
+        for conn in conns:
+            conn.close()
+        assert time.monotonic() < deadline, "two connections never reached two workers"
+    sent = {pids[0]: 7, pids[1]: 11}
+    for conn, pid in zip(conns, pids):
+        statuses = {_bid(conn) for _ in range(sent[pid])}
+        assert statuses <= {200, 204}, statuses
+        assert _pid_of(conn) == pid  # the same worker answered them all
+        conn.close()
+    text = server.metrics()
+    assert _requests_total(text) == sum(sent.values()), text
+    live = [line for line in text.splitlines() if line.startswith("bidder_worker_info{")]
+    assert all(any(f'pid="{pid}"' in line for line in live) for pid in pids), live
+
+
+def test_the_cli_entry_sets_the_metrics_directory_before_prometheus_client_loads():
+    code = """
+import sys
+from bidder import cli, metrics_dir
+assert "prometheus_client" not in sys.modules, "bidder.cli loaded prometheus_client"
+with metrics_dir.fresh():
+    cli.load_command("serve")
+    from prometheus_client import values
+    print(values.ValueClass.__qualname__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "MultiProcessValue" in done.stdout, done.stdout
+
+
+def test_serve_refuses_to_start_without_the_metrics_directory():
+    code = ("import sys; from bidder import serve, settings; "
+            "sys.exit(serve.serve(settings.resolve(environ={})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0
+    assert "PROMETHEUS_MULTIPROC_DIR is not set" in done.stderr and "bidder serve" in done.stderr
+
+
+def test_no_set_up_hides_in_register_at_fork():
+    """Per-process set-up runs from the post_fork hook of bidder/serve.py, where it can be read."""
+    found = []
+    for package in ("bidder", "server_hooks", "models"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr == "register_at_fork":
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []

@@ -1,0 +1,86 @@
+"""Overload: every connection's next request is taken up in the order of its kernel receive
+time, and one that could only be answered past its deadline gets a 204 from the worker,
+without the app (``server_hooks.worker``, ``--deadline-paths``). Real ``bidder serve`` with one
+worker and an app that takes 20 ms a request, real sockets."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from server_hooks.framing import peek_tmax
+from tests.conftest import launch_server
+from tests.test_fast_path import read_answer
+
+TMAX_MS = 100  # less the 10 ms margin: 90 ms, three or four 20 ms requests after the first
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = launch_server(tmp_path_factory.mktemp("overload"), "--workers", "1",
+                        "--app", "tests.apps.slow_echo:app", "--deadline-paths", "/bid")
+    yield srv
+    srv.stop()
+
+
+def burst(server, count: int) -> list[tuple[int, dict, float]]:
+    """One POST on each of ``count`` connections, sent 0.5 ms apart while the worker serves
+    another (so that one poll finds them all); the answers in send order, with latencies."""
+    body = json.dumps({"id": "x", "tmax": TMAX_MS}).encode()
+    request = (b"POST /bid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+             for _ in range(count + 1)]
+    try:
+        sent = []
+        for sock in socks:
+            sock.sendall(request)
+            sent.append(time.monotonic())
+            time.sleep(0.0005)
+        read_answer(socks[0].makefile("rb"))  # the one being served while the others came
+        answers = []
+        for sock, at in zip(socks[1:], sent[1:]):
+            status, headers, _ = read_answer(sock.makefile("rb"))
+            answers.append((status, headers, time.monotonic() - at))
+        return answers
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_late_requests_get_a_deadline_nobid_in_arrival_order(server):
+    burst(server, 12)  # teaches the worker the app's time per request
+    answers = burst(server, 12)
+    statuses = [status for status, _, _ in answers]
+    served = statuses.count(200)
+    # the earliest are served, in their order; the rest (past their deadline by their turn)
+    # get the worker's no-bid
+    assert 1 <= served <= 6 and statuses == [200] * served + [204] * (12 - served), statuses
+    for status, headers, _ in answers[served:]:
+        assert headers["x-nobid-reason"] == "deadline" and headers["x-openrtb-version"] == "2.6"
+    # nobody waits past tmax (generously: this machine is shared)
+    assert max(latency for _, _, latency in answers) < TMAX_MS / 1000 + 0.15, answers
+
+
+def test_other_paths_are_not_shed(server):
+    """A path outside --deadline-paths is served whatever its wait (here: all of them)."""
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert [read_answer(sock.makefile("rb"))[0] for sock in socks] == [200] * 8
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_tmax_is_read_without_decoding():
+    assert peek_tmax(b'{"id":"a","tmax":120,"imp":[]}') == 120
+    assert peek_tmax(b'{"id": "a", "tmax" :\n 80}') == 80
+    assert peek_tmax(b'{"id":"a"}') is None
+    assert peek_tmax(b'{"tmax": 1.5e2}') is None  # not an integer: the app decides
+    # a string holding the member's name is no member (its quotes are escaped)
+    assert peek_tmax(b'{"site":{"name":"\\"tmax\\": 5"},"tmax":300}') == 300
+    assert peek_tmax(b'{"tmax":30,"ext":{"tmax":200}}') == 200  # the largest: never shed early
