@@ -108,6 +108,12 @@ def frequency_key(campaign_id: str, user_key_: str) -> str:
     return f"f:{campaign_id}:{_user_digest(user_key_)}"
 
 
+def pending_key(campaign_id: str, user_key_: str) -> str:
+    """Counter of one campaign's bids to one user still waiting for their billing or loss
+    notice: a bid counts against the cap while it is in flight."""
+    return f"p:{campaign_id}:{_user_digest(user_key_)}"
+
+
 @lru_cache(maxsize=4096)
 def _user_digest(user_key_: str) -> str:
     """One hash per user, however many capped campaigns a request asks about."""
@@ -352,6 +358,28 @@ class FeatureStore:
             self._failed(shard, exc)
             return
         self._replay(REPLAY_PER_CALL)
+
+    def reserve_pending(self, key: str, ttl_s: int) -> None:
+        """Count one bid in flight (bid path: two noreply writes, nothing is waited for).
+        The counter lives ``ttl_s`` from its first bid; a fault only loses the reservation."""
+        shard = self.shard_of(key) if self.shards else None
+        if shard is None or shard.down(time.monotonic()):
+            return
+        try:
+            shard.client.add(key, 0, expire=ttl_s, noreply=True)
+            shard.client.incr(key, 1, noreply=True)
+        except Exception as exc:
+            self._failed(shard, exc)
+
+    def release_pending(self, key: str) -> None:
+        """A bid in flight was billed or lost: one fewer pending (never below 0)."""
+        shard = self.shard_of(key) if self.shards else None
+        if shard is None or shard.down(time.monotonic()):
+            return
+        try:
+            shard.client.decr(key, 1, noreply=True)
+        except Exception as exc:
+            self._failed(shard, exc)
 
     @staticmethod
     def _increment(shard: Shard, key: str, window_s: int) -> None:

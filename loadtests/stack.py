@@ -169,7 +169,10 @@ class Server:
 
     def __init__(self, serve_args: list[str], memcached: str, workdir: str,
                  cpus: str | None = None, app: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, python: str = sys.executable,
+                 cwd: str | None = None) -> None:
+        self.python = python  # the interpreter (its environment) that runs bidder serve
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_port = free_port()
@@ -186,7 +189,7 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "bidder", "serve", "--bind", f"127.0.0.1:{self.port}",
+        argv = [self.python, "-m", "bidder", "serve", "--bind", f"127.0.0.1:{self.port}",
                 "--admin-bind", f"127.0.0.1:{self.admin_port}", "--pid", self.pidfile,
                 "--memcached", self.memcached, *self.serve_args]
         if self.app:
@@ -199,7 +202,7 @@ class Server:
         """Start the process; do not wait for it (``start`` does)."""
         with open(self.logfile, "ab") as logf:
             self.process = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT,
-                                            start_new_session=True,
+                                            start_new_session=True, cwd=self.cwd,
                                             env={**os.environ, **self.env} if self.env else None)
         return self
 
