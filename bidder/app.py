@@ -24,10 +24,14 @@ from bidder import catalog as catalog_mod
 from bidder import metrics
 from bidder.auction import Auction, NoBid
 from bidder.currency import Rates, to_micros
-from bidder.featurestore import UNWRITTEN_MAX, FeatureStore, frequency_key, parse_servers
-from bidder.ledger import Ledger, Notice
+from bidder.budget import Budgets
+from bidder.featurestore import (UNWRITTEN_MAX, FeatureStore, frequency_key, parse_servers,
+                                 pending_key)
+from bidder.leases import Clock
+from bidder.leases import Settings as LeaseSettings
+from bidder.ledger import Ledger, LedgerError, Notice, open_ledger
 from bidder.logs import FaultLog
-from bidder.notices import NoticeError, NoticeSigner
+from bidder.notices import KINDS, NoticeError, NoticeExpired, NoticeSigner, secrets_list
 from bidder.openrtb import InvalidRequest, decode, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
@@ -60,7 +64,7 @@ class ProcessState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.servers = parse_servers(settings.memcached)
-        Ledger(settings.ledger).close()  # fail at start, not on the first billing notice
+        open_ledger(settings.ledger).close()  # fail at start, not on the first billing notice
         self._local = threading.local()
         self._unwritten: deque = deque(maxlen=UNWRITTEN_MAX)  # shared by this process's stores
 
@@ -83,8 +87,18 @@ class ProcessState:
     def ledger(self) -> Ledger:
         ledger = getattr(self._local, "ledger", None)
         if ledger is None:
-            ledger = self._local.ledger = Ledger(self.settings.ledger)
+            ledger = self._local.ledger = open_ledger(self.settings.ledger)
         return ledger
+
+    def forget_ledger(self) -> None:
+        """Drop this thread's ledger connection after a failure: the next use opens another."""
+        ledger = getattr(self._local, "ledger", None)
+        self._local.ledger = None
+        if ledger is not None:
+            try:
+                ledger.close()
+            except Exception:
+                pass
 
 
 class BidResource:
@@ -125,8 +139,7 @@ class BidResource:
         tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
         deadline = arrived + tmax_s - min(self.margin_s, tmax_s / 2)
         try:
-            outcome = self.auction.bid(request, self.state.store, self.state.ledger,
-                                       self.models.current, deadline)
+            outcome = self.auction.bid(request, self.state.store, self.models.current, deadline)
         except Exception as exc:  # a bug must cost one no-bid, never a 5xx to the exchange
             faults.error(f"bid {type(exc).__name__}", "bid request %s failed; answered no-bid",
                          request.id, exc_info=True)
@@ -239,43 +252,85 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
 
 
 class NoticeResource:
-    """``GET|POST /notice/{kind}``: win (nurl) and billing (burl) notices, each booked once."""
+    """``GET|POST /notice/{kind}``: win (nurl), billing (burl) and loss (lurl) notices, each
+    booked once fleet-wide. A billing notice books spend against the bid's budget lease and
+    counts the impression against frequency caps; a loss notice releases the bid's
+    reservation. The ledger down: 503, so the exchange retries."""
 
     def __init__(self, auction: Auction, state: ProcessState) -> None:
         self.signer = auction.signer
         self.rates = auction.rates
         self.state = state
-        self.auction = auction
+        self.budgets = auction.budgets
+        self.rules = {r.campaign: r for r in auction.budgets.rules}
         self.capped = {c.id: c for c in auction.catalog.campaigns if c.frequency_cap}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, kind: str) -> None:
-        if kind not in ("win", "billing"):
-            raise falcon.HTTPNotFound(description=f"unknown notice kind {kind!r}: win or billing")
+        if kind not in KINDS:
+            raise falcon.HTTPNotFound(
+                description=f"unknown notice kind {kind!r}: win, billing or loss")
         # the price macro is substituted verbatim; parse the raw query so '+' etc. survive
         params = dict(parse_qsl(req.query_string, keep_blank_values=True))
         try:
-            fields, price = self.signer.verify(kind, params)
+            fields, price, issued_at = self.signer.verify(kind, params)
             if not self.rates.knows(fields["cur"]):
                 raise NoticeError(f"currency {fields['cur']!r} has no rate")
+        except NoticeExpired as exc:
+            metrics.NOTICES.labels(kind, "expired").inc()
+            raise BadRequest(f"{kind} notice refused: {exc}")
         except NoticeError as exc:
             metrics.NOTICES.labels(kind, "refused").inc()
             raise BadRequest(f"{kind} notice refused: {exc}")
+        rule = self.rules.get(fields["c"])
+        day, periods = self.budgets.periods_of(rule, issued_at)
         notice = Notice(kind=kind, bid_id=fields["b"], campaign=fields["c"], creative=fields["r"],
                         imp_id=fields["i"], user_key=fields["u"],
                         price_micros=to_micros(self.rates.to_usd(price, fields["cur"])),
-                        currency=fields["cur"], test=fields["t"] == "1")
-        new = self.state.ledger.record(notice)
+                        currency=fields["cur"], test=fields["t"] == "1", holder=fields["h"],
+                        day=day)
+        try:
+            new = self.state.ledger.record(notice, periods if kind == "billing" else ())
+        except Exception as exc:  # psycopg.Error, sqlite3.Error: nothing was booked
+            self.state.forget_ledger()
+            faults.warning(f"ledger {type(exc).__name__}", "%s notice %s not booked, the "
+                           "ledger failed (%s: %s): answered 503", kind, notice.bid_id,
+                           type(exc).__name__, exc)
+            raise falcon.HTTPServiceUnavailable(
+                title="Service Unavailable", retry_after=5,
+                description="the ledger is not reachable; nothing was booked: send the notice "
+                            "again later") from None
         metrics.NOTICES.labels(kind, "booked" if new else "duplicate").inc()
-        if new and kind == "billing" and not notice.test:
-            metrics.SPEND_MICROS.labels(notice.campaign).inc(notice.price_micros // 1000)
-            self.auction.budgets.refresh(self.state.ledger, time.monotonic(), force=True)
-            campaign = self.capped.get(notice.campaign)
-            if campaign is not None and notice.user_key:
-                self.state.store.count_impression(frequency_key(campaign.id, notice.user_key),
-                                                  campaign.frequency_cap.window_s)
+        if new and kind == "billing":
+            if not notice.test:
+                metrics.SPEND_MICROS.labels(notice.campaign).inc(notice.price_micros // 1000)
+            self._count_impression(notice)
+        elif new and kind == "loss":
+            metrics.LOSSES.labels(loss_reason(params.get("loss", ""))).inc()
+            self.budgets.release(notice.bid_id)  # another worker's: it reads the loss back
+            self._release_pending(notice)
         resp.media = {"status": "booked" if new else "duplicate", "bid": notice.bid_id}
 
     on_post = on_get
+
+    def _count_impression(self, notice: Notice) -> None:
+        campaign = self.capped.get(notice.campaign)
+        if campaign is not None and notice.user_key:
+            store = self.state.store
+            store.count_impression(frequency_key(campaign.id, notice.user_key),
+                                   campaign.frequency_cap.window_s)
+            store.release_pending(pending_key(campaign.id, notice.user_key))
+
+    def _release_pending(self, notice: Notice) -> None:
+        campaign = self.capped.get(notice.campaign)
+        if campaign is not None and notice.user_key:
+            self.state.store.release_pending(pending_key(campaign.id, notice.user_key))
+
+
+def loss_reason(raw: str) -> str:
+    """An OpenRTB loss reason code as a metrics label: bounded, whatever the exchange sends."""
+    if raw.isdigit() and len(raw) <= 4:
+        return raw if int(raw) < 1000 else "other"
+    return "unknown"
 
 
 class HealthResource:
@@ -302,8 +357,10 @@ class ReadyResource:
                         "candidates": len(catalog.candidates)},
             "model": {"ok": bool(model.get("loaded")), **model},
             "memcached": self.state.store.status(),
+            "budgets": self.auction.budgets.status(),
         }
-        ready = components["catalog"]["ok"] and components["model"]["ok"]
+        ready = components["catalog"]["ok"] and components["model"]["ok"] \
+            and components["budgets"]["ok"]
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.media = {"ready": ready, "pid": os.getpid(), "components": components}
 
@@ -354,9 +411,10 @@ class BidderApp(falcon.App):
     from the listening socket) goes to ``admin`` (``/metrics``, ``/readyz``, ``/healthz``), so
     spend, campaign ids and file paths never answer on the port exchanges call. Holds what the
     life cycle hooks of ``bidder/serve.py`` act on: the model handle (reloaded on SIGHUP,
-    watched in each worker) and the per-process state."""
+    watched in each worker), the per-process state and the budget leases."""
 
     models: ModelHandle
+    budgets: Budgets
     state: ProcessState
     admin: falcon.App
     admin_port: str
@@ -378,13 +436,23 @@ def create_app(settings: Settings) -> BidderApp:
         models = ModelHandle(settings.model, watch_s=settings.model_watch_s)
     except (ValueError, OSError) as exc:  # CatalogError, CurrencyError, artifact errors
         raise StartupError(str(exc)) from None
-    signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret)
-    auction = Auction(catalog, rates, signer)
+    signer = NoticeSigner(settings.notice_url or f"http://{settings.bind}", settings.notice_secret,
+                          secrets_list(settings.notice_verify_secrets), settings.notice_ttl_s)
+    try:
+        clock = Clock(settings.budget_clock)
+    except ValueError as exc:
+        raise StartupError(f"{exc} (--budget-clock)") from None
+    budgets = Budgets(catalog, rates, lambda: open_ledger(settings.ledger), clock, LeaseSettings(
+        slice_share=settings.lease_slice, reservation_ttl_s=settings.reservation_ttl_s,
+        lease_ttl_s=settings.lease_ttl_s, catchup_s=settings.pacing_catchup_s))
+    auction = Auction(catalog, rates, signer, budgets)
     auction.scoring_terms(models.current)  # computed before fork, shared by workers
     try:
         state = ProcessState(settings)
     except ValueError as exc:  # a --memcached address that is neither HOST:PORT nor unix:PATH
         raise StartupError(str(exc)) from None
+    except LedgerError as exc:
+        raise StartupError(f"{exc}; check --ledger") from None
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"cannot open the ledger {settings.ledger!r} ({exc}): its directory "
                            "must exist and be writable; choose another with --ledger PATH") from None
@@ -403,6 +471,7 @@ def create_app(settings: Settings) -> BidderApp:
     app.add_route("/healthz", HealthResource())
     app.models = models
     app.state = state
+    app.budgets = budgets
     app.admin = admin = falcon.App(media_type=falcon.MEDIA_JSON)
     admin.resp_options.media_handlers = app.resp_options.media_handlers
     admin.set_error_serializer(_error_serializer)

@@ -30,8 +30,7 @@ from bidder.budget import Budgets
 from bidder.catalog import Bits, Campaign, Candidates, Catalog
 from bidder.currency import Rates
 from bidder.domains import domain_and_parents, host_of
-from bidder.featurestore import FeatureStore, frequency_key, user_key
-from bidder.ledger import Ledger
+from bidder.featurestore import FeatureStore, frequency_key, pending_key, user_key
 from bidder.notices import NoticeSigner
 from bidder.openrtb import Bid, BidRequest, BidResponse, Deal, Imp, SeatBid
 from bidder.privacy import personal_data_allowed
@@ -42,9 +41,10 @@ FIRST_PRICE_SHADE = 0.85  # first-price auctions (at=1): bid this share of the e
 SHAPE_CACHE_SIZE = 8192  # shapes remembered per process, in each cache
 T = TypeVar("T")
 # No-bid reasons of one imp, from the one closest to a bid. no_creative_fits: banner.
-IMP_REASON_RANK = ("below_floor", "no_creative_fits", "no_video_creative_fits",
-                   "no_native_creative_fits", "no_deal_in_private_auction",
-                   "floor_currency_unknown", "no_banner_size", "no_supported_format")
+IMP_REASON_RANK = ("budget_paced", "budget_exhausted", "below_floor", "no_creative_fits",
+                   "no_video_creative_fits", "no_native_creative_fits",
+                   "no_deal_in_private_auction", "floor_currency_unknown", "no_banner_size",
+                   "no_supported_format")
 MTYPE = {"banner": 1, "video": 2, "native": 4}  # 2.6 Bid.mtype
 
 
@@ -114,15 +114,18 @@ class FrequencyCaps:
     allowance: dict[int, int]  # capped campaign index -> impressions it may still bid for
 
     @classmethod
-    def of(cls, capped: list[tuple[int, Campaign, str]], counters: dict[str, int | None] | None,
-           campaigns: Bits) -> FrequencyCaps:
-        """``campaigns`` less the ``capped`` ones (index, campaign, counter key) whose count
-        reached the cap; an unknown count (no user id, store down) never breaks a cap."""
+    def of(cls, capped: list[tuple[int, Campaign, str, str]],
+           counters: dict[str, int | None] | None, campaigns: Bits) -> FrequencyCaps:
+        """``campaigns`` less the ``capped`` ones (index, campaign, billed and pending counter
+        keys) whose billed impressions and bids in flight reached the cap; an unknown count
+        (no user id, store down) never breaks a cap."""
         uncapped = campaigns
         allowance: dict[int, int] = {}
-        for i, c, key in capped:
-            count = None if counters is None else counters.get(key, 0)
-            left = 0 if count is None else c.frequency_cap.impressions - count
+        for i, c, key, pending in capped:
+            billed = None if counters is None else counters.get(key, 0)
+            in_flight = None if counters is None else counters.get(pending, 0)
+            left = 0 if billed is None or in_flight is None else \
+                c.frequency_cap.impressions - billed - in_flight
             if left > 0:
                 allowance[i] = left
             else:
@@ -161,13 +164,15 @@ def closest_reason(outcomes: list) -> NoBid:
 class Auction:
     """Everything a worker needs to decide a bid; the per-process parts are opened after fork."""
 
-    def __init__(self, catalog: Catalog, rates: Rates, signer: NoticeSigner) -> None:
+    def __init__(self, catalog: Catalog, rates: Rates, signer: NoticeSigner,
+                 budgets: Budgets) -> None:
         self.catalog = catalog
         self.rates = rates
         self.signer = signer
+        self.budgets = budgets
+        self.pending_ttl_s = int(budgets.reservation_ttl_s)
         self._cand_features: dict[int, np.ndarray] = {}
         self._terms: tuple[object, tuple[np.ndarray, ...]] | None = None  # (model, its terms)
-        self.budgets = Budgets(catalog)
         self._capped = [(i, catalog.campaigns[i]) for i in catalog.capped]
         # each eligibility filter's answer by what it reads (budgets are never cached)
         self._targeting_user: dict[tuple, Bits] = {}
@@ -235,7 +240,7 @@ class Auction:
             if not bits:
                 return NoBid("seat_not_allowed")
         bits &= self.budgets.spendable  # read on every request: exhaustion stops it at once
-        return bits or NoBid("budget_exhausted")
+        return bits or NoBid(self.budgets.reason())
 
     def targeting_user(self, country: str | None, devicetype: int | None,
                        os_: str | None) -> Bits:
@@ -288,14 +293,13 @@ class Auction:
         bits = cat.any_of(sets.by_seat, list(wseat)) if wseat else ~0
         return bits & ~cat.any_of(sets.by_seat, list(bseat))
 
-    def bid(self, r: BidRequest, store: FeatureStore, ledger: Ledger, model,
+    def bid(self, r: BidRequest, store: FeatureStore, model,
             deadline: float) -> BidResponse | NoBid:
         """Decide the bids on ``r`` by ``deadline``: campaign eligibility, imp plans, one
         memcached round trip (user features and frequency counts), then imp by imp bidding."""
         now = time.monotonic()
         if now >= deadline:  # queued past its deadline (an overloaded worker): shed at once
             return NoBid("deadline")
-        self.budgets.refresh(ledger, now)
         currency = self.response_currency(r)
         if currency is None:
             return NoBid("currency_not_supported")
@@ -312,14 +316,30 @@ class Auction:
 
         keys = user_keys(r)
         identity = keys[0] if keys else ""
-        capped = [(i, c, frequency_key(c.id, identity)) for i, c in self._capped
-                  if bidding >> i & 1]
-        user, counters = store.lookup(keys, [k for _, _, k in capped] if identity else [],
-                                      deadline - now)
+        capped = [(i, c, frequency_key(c.id, identity), pending_key(c.id, identity))
+                  for i, c in self._capped if bidding >> i & 1]
+        user, counters = store.lookup(
+            keys, [k for _, _, billed, pending in capped for k in (billed, pending)]
+            if identity else [], deadline - now)
         caps = FrequencyCaps.of(capped, counters, campaigns)
         if not caps.uncapped & bidding:  # every campaign that could bid is capped
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
-        return self.bid_imps(r, plans, caps, user.segments, model, currency, identity, deadline)
+        outcome = self.bid_imps(r, plans, caps, user.segments, model, currency, identity,
+                                deadline)
+        if capped and identity and not isinstance(outcome, NoBid):
+            self.reserve_pending(outcome, capped, store)
+        return outcome
+
+    def reserve_pending(self, response: BidResponse, capped: list[tuple[int, Campaign, str, str]],
+                        store: FeatureStore) -> None:
+        """Each bid of a capped campaign counts as pending until its billing or loss notice
+        (or the reservation lifetime), so bids in flight cannot pass the cap."""
+        pending = {c.id: key for _, c, _, key in capped}
+        for seatbid in response.seatbid:
+            for b in seatbid.bid:
+                key = pending.get(b.cid)
+                if key is not None:
+                    store.reserve_pending(key, self.pending_ttl_s)
 
     def bid_imps(self, r: BidRequest, plans: list[ImpPlan | NoBid], caps: FrequencyCaps,
                  segments: list, model, currency: str, identity: str,
@@ -509,8 +529,11 @@ class Auction:
         # Deal.at 3: "the value passed in bidfloor is the agreed upon deal price"
         price = floor_price if fixed_price else max(price, floor_price)
         bid_id = os.urandom(8).hex()
-        nurl, burl = self.signer.urls(bid_id, imp.id, campaign.id, creative.id, identity,
-                                      currency, r.test, price)
+        budgets = self.budgets
+        if not budgets.reserve(int(camp[best]), bid_id, price, currency):
+            return NoBid(budgets.reason(int(camp[best])))
+        nurl, burl, lurl = self.signer.urls(bid_id, imp.id, campaign.id, creative.id, identity,
+                                            currency, r.test, price, budgets.holder)
         if creative.format == "video":
             adm = video.markup(creative, imp.video, creative.id)
         elif creative.format == "native":
@@ -518,7 +541,7 @@ class Auction:
         else:
             adm = creative.adm
         return campaign.seat, Bid(
-            id=bid_id, impid=imp.id, price=price, adm=adm, nurl=nurl, burl=burl,
+            id=bid_id, impid=imp.id, price=price, adm=adm, nurl=nurl, burl=burl, lurl=lurl,
             adomain=campaign.adomain, crid=creative.id, cid=campaign.id, cat=campaign.cat,
             mtype=MTYPE[creative.format], w=creative.w, h=creative.h,
             dealid=deal.id if deal is not None else None, bundle=campaign.bundle,

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Literal, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import msgspec.inspect
@@ -174,6 +175,8 @@ class Campaign(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     bundle: str | None = None
     deals: list[str] = []
     budget: Budget | None = None  # total spend cap, in ``currency``
+    daily_budget: Budget | None = None  # spend cap per campaign-local day, paced over the day
+    timezone: str = "UTC"  # IANA zone the campaign's days are counted in
     frequency_cap: FrequencyCap | None = None
 
 
@@ -291,6 +294,11 @@ def _check_across_fields(c: Campaign, rates: Rates) -> None:
         fail("value_per_click", f"{c.value_per_click} {c.currency} ({usd:.6g} USD) a click is over "
                                 f"the {MAX_VALUE_PER_CLICK_USD:g} USD sanity limit: check the "
                                 "amount and its currency")
+    try:
+        ZoneInfo(c.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        fail("timezone", f"{c.timezone!r} is not an IANA time zone: use a name such as "
+                         "'America/New_York', 'Asia/Tokyo' or 'UTC'")
     seen: set[str] = set()
     for cr in c.creatives:
         if cr.id in seen:
@@ -500,6 +508,10 @@ class Catalog:
         self.budget_micros: list[int | None] = [
             None if c.budget is None else to_micros(rates.to_usd(c.budget, c.currency))
             for c in campaigns]
+        self.daily_budget_micros: list[int | None] = [
+            None if c.daily_budget is None else to_micros(rates.to_usd(c.daily_budget, c.currency))
+            for c in campaigns]
+        self.zones = [ZoneInfo(c.timezone) for c in campaigns]
         self.capped = [i for i, c in enumerate(campaigns) if c.frequency_cap]
         # one row per candidate (campaign x creative)
         self.candidates: list[tuple[Campaign, Creative]] = [

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ab": ("loadtests.ab", "A/B two server configurations (default: pinned vs unpinned)."),
     "capacity": ("loadtests.capacity", "Find the highest open-loop rate with p99 under the SLA."),
     "bench": ("loadtests.bench", "Throughput of the bidder as a ratio to hello-world Falcon."),
+    "fleet": ("loadtests.fleet", "Money across N hosts: one ledger, notices retried across hosts."),
+    "pacing": ("loadtests.pacing", "A campaign day in accelerated time: spend against the even line."),
 }
 
 

@@ -108,6 +108,12 @@ def frequency_key(campaign_id: str, user_key_: str) -> str:
     return f"f:{campaign_id}:{_user_digest(user_key_)}"
 
 
+def pending_key(campaign_id: str, user_key_: str) -> str:
+    """Counter of one campaign's bids to one user still waiting for their billing or loss
+    notice: a bid counts against the cap while it is in flight."""
+    return f"p:{campaign_id}:{_user_digest(user_key_)}"
+
+
 @lru_cache(maxsize=4096)
 def _user_digest(user_key_: str) -> str:
     """One hash per user, however many capped campaigns a request asks about."""
@@ -154,6 +160,17 @@ def server_name(server: Server) -> str:
     return server if isinstance(server, str) else f"{server[0]}:{server[1]}"
 
 
+def check_keys(keys: list[str]) -> str:
+    """``keys`` joined by spaces, or ValueError (a bug of ours, not a server fault) when one is
+    not a memcached key: printable ASCII without spaces, at most 250 bytes."""
+    line = " ".join(keys)
+    if (not line.isascii() or not line.isprintable() or len(line.split()) != len(keys)
+            or max(map(len, keys)) > MAX_KEY):
+        raise ValueError(f"not memcached keys (printable ASCII, no spaces, <= {MAX_KEY} "
+                         f"bytes): {keys!r}")
+    return line
+
+
 class LookupClient(Client):
     """pymemcache's ``Client`` with a lean ``get_many`` for the bid path.
 
@@ -171,11 +188,7 @@ class LookupClient(Client):
     def get_many(self, keys: list[str]) -> dict[str, Any]:  # type: ignore[override]
         if not keys:
             return {}
-        command = "get " + " ".join(keys)
-        if (not command.isascii() or not command.isprintable() or len(command.split()) != len(keys) + 1
-                or max(map(len, keys)) > MAX_KEY):
-            raise ValueError(f"not memcached keys (printable ASCII, no spaces, <= {MAX_KEY} "
-                             f"bytes): {keys!r}")
+        command = "get " + check_keys(keys)
         if self.sock is None:
             self._connect()
         sock = self.sock
@@ -333,6 +346,7 @@ class FeatureStore:
         """
         if not self.shards:
             return
+        check_keys([key])  # a bad key is a bug: it must raise, not mark the server down
         shard = self.shard_of(key)
         if shard.down(time.monotonic()):
             self._keep_unwritten(key, window_s)
@@ -344,6 +358,28 @@ class FeatureStore:
             self._failed(shard, exc)
             return
         self._replay(REPLAY_PER_CALL)
+
+    def reserve_pending(self, key: str, ttl_s: int) -> None:
+        """Count one bid in flight (bid path: two noreply writes, nothing is waited for).
+        The counter lives ``ttl_s`` from its first bid; a fault only loses the reservation."""
+        shard = self.shard_of(key) if self.shards else None
+        if shard is None or shard.down(time.monotonic()):
+            return
+        try:
+            shard.client.add(key, 0, expire=ttl_s, noreply=True)
+            shard.client.incr(key, 1, noreply=True)
+        except Exception as exc:
+            self._failed(shard, exc)
+
+    def release_pending(self, key: str) -> None:
+        """A bid in flight was billed or lost: one fewer pending (never below 0)."""
+        shard = self.shard_of(key) if self.shards else None
+        if shard is None or shard.down(time.monotonic()):
+            return
+        try:
+            shard.client.decr(key, 1, noreply=True)
+        except Exception as exc:
+            self._failed(shard, exc)
 
     @staticmethod
     def _increment(shard: Shard, key: str, window_s: int) -> None:

@@ -22,7 +22,7 @@ from functools import lru_cache
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -44,10 +44,35 @@ LATENCY = Histogram("bidder_bid_latency_seconds", "Time from arrival to answer o
 FEATURE_STORE = Counter("bidder_feature_store_lookups_total",
                         "User feature look-ups, by outcome (hit, miss, error, skipped).",
                         ["outcome"])
-NOTICES = Counter("bidder_notices_total", "Win and billing notices, by kind and outcome.",
-                  ["kind", "outcome"])
+NOTICES = Counter("bidder_notices_total", "Win, billing and loss notices, by kind and outcome "
+                  "(booked, duplicate, refused, expired).", ["kind", "outcome"])
+LOSSES = Counter("bidder_loss_notices_total", "Loss notices booked, by OpenRTB loss reason code "
+                 "(${AUCTION_LOSS}; 'other' above 1000, 'unknown' when not substituted).",
+                 ["reason"])
 SPEND_MICROS = Counter("bidder_spend_micros_total",
                        "Spend booked from billing notices, in USD micros.", ["campaign"])
+RESERVATIONS_EXPIRED = Counter(
+    "bidder_budget_reservations_expired_total",
+    "Bid reservations released by the reservation lifetime (no billing or loss notice came).")
+# Pacing state. Fleet-wide values come from the ledger (each worker writes what it last read:
+# the most recent is shown); this host's lease headroom and reservations are summed.
+_FLEET = dict(labelnames=["campaign", "period"], multiprocess_mode="livemostrecent")
+_HOST = dict(labelnames=["campaign", "period"], multiprocess_mode="livesum")
+BUDGET_MICROS = Gauge("bidder_budget_micros", "Budget of the current period (total: lifetime, "
+                      "daily: the campaign-local day), USD micros.", **_FLEET)
+BUDGET_LEASE_LIMIT = Gauge("bidder_budget_lease_limit_micros",
+                           "What the fleet may lease of the period now: the budget, or for a "
+                           "daily budget its even line plus the catch-up allowance.", **_FLEET)
+BUDGET_LEASED = Gauge("bidder_budget_leased_micros", "Leased out to the fleet's workers.", **_FLEET)
+BUDGET_SPENT = Gauge("bidder_budget_spent_micros", "Billed, fleet-wide (ledger).", **_FLEET)
+BUDGET_AVAILABLE = Gauge("bidder_budget_available_micros",
+                         "This host's leases not yet spent or reserved.", **_HOST)
+BUDGET_RESERVED = Gauge("bidder_budget_reserved_micros",
+                        "Reserved by this host's bids awaiting their billing or loss notice.",
+                        **_HOST)
+BUDGET_STATE = Gauge("bidder_budget_state", "0 bidding, 1 paced (lease used up, waiting for a "
+                     "refill or the pacing line), 2 exhausted (the period's budget is leased out).",
+                     ["campaign"], multiprocess_mode="livemax")
 MODEL_RELOADS = Counter("bidder_model_reloads_total", "Model artifact reloads, by outcome.",
                         ["outcome"])
 # At 0 from the start: a counter whose first sample is 1 shows no increase() to an alert.

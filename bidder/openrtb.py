@@ -187,6 +187,7 @@ class Bid(Struct, omit_defaults=True, gc=False):
     dealid: str | None = None
     bundle: str | None = None
     attr: list[int] | None = None  # the creative's attributes (AdCOM 1.0 Creative Attributes)
+    lurl: str | None = None  # loss notice URL (${AUCTION_LOSS}, ${AUCTION_PRICE})
 
 
 class SeatBid(Struct, omit_defaults=True, gc=False):

@@ -158,6 +158,7 @@ def post_fork(server, worker) -> None:
     if app is not None:
         app.state.after_fork()  # sockets and SQLite connections never cross a fork
         app.models.start_watcher()  # no request pays for a model load
+        app.budgets.after_fork()  # a lease holder of its own, leased before its first bid
 
 
 def child_exit(server, worker) -> None:

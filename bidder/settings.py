@@ -118,14 +118,44 @@ SETTINGS: tuple[Setting, ...] = (
             "{\"EUR\": 1.08, ...}. Floors in a currency not listed make that imp ineligible.",
             metavar="CUR=RATE,..."),
     Setting("ledger", "--ledger", "bidder-ledger.sqlite3",
-            "SQLite file that journals every billing notice exactly once (spend and frequency "
-            "are booked from it).", metavar="PATH"),
+            "The money ledger: an SQLite file (one host) or postgresql://USER@HOST:PORT/DB "
+            "(a fleet: every host the same). Every notice is booked there exactly once, spend "
+            "by (campaign, day), and budgets are leased from it.",
+            metavar="PATH|postgresql://..."),
     Setting("notice_url", "--notice-url", None,
             "Base URL the exchange calls back for win/billing notices; default: http://BIND.",
             type=_http_url, metavar="URL"),
     Setting("notice_secret", "--notice-secret", DEFAULT_NOTICE_SECRET,
-            "Key that signs win/billing notice URLs (keyed BLAKE2b) so forged notices are "
+            "Key that signs win/billing/loss notice URLs (keyed BLAKE2b) so forged notices are "
             "refused; the default is public: set your own in production."),
+    Setting("notice_verify_secrets", "--notice-verify-secrets", "",
+            "More keys accepted when verifying notices, comma-separated: to rotate without "
+            "losing a notice, add the new key here on every host, then sign with it "
+            "(--notice-secret) and keep the old one here for the notice lifetime.",
+            metavar="S1,S2"),
+    Setting("notice_ttl_s", "--notice-ttl-s", 48 * 3600,
+            "Notice lifetime, seconds: older notices get 400 and are counted, never booked "
+            "(exchanges send billing notices within minutes; 48 h covers their retries and "
+            "batch uploads).", type=number(float, 60)),
+    # --- budgets (bidder.leases) ----------------------------------------------------------------
+    Setting("reservation_ttl_s", "--reservation-ttl-s", 300.0,
+            "How long a bid's budget reservation waits for its billing or loss notice before "
+            "it is released; a bill arriving later is still booked and is the overspend "
+            "bound's term (see README).", type=number(float, 1)),
+    Setting("lease_slice", "--lease-slice", 0.01,
+            "Share of a campaign's budget one worker leases at a time: smaller bounds what a "
+            "dead host can leave open, larger costs fewer ledger round trips.",
+            type=number(float, 0, exclusive=True, maximum=1)),
+    Setting("lease_ttl_s", "--lease-ttl-s", 30.0,
+            "A worker's leases not renewed for this long (it died) go back to the pool, "
+            "seconds.", type=number(float, 1)),
+    Setting("pacing_catchup_s", "--pacing-catchup-s", 300.0,
+            "Daily pacing: how far ahead of the even line (budget x elapsed share of the day) "
+            "leases may go, in seconds of the day's budget.", type=number(float, 0)),
+    Setting("budget_clock", "--budget-clock", None,
+            "Run budget days on an accelerated clock, SIM_START,WALL_START,RATE (Unix s): for "
+            "harnesses that draw a day in minutes; default the wall clock.",
+            metavar="SIM,WALL,RATE"),
     # --- bid path -------------------------------------------------------------------------------
     _HOOKS["max_body_bytes"],
     Setting("default_tmax_ms", "--default-tmax-ms", 50, "Deadline when a request has no tmax, ms.",

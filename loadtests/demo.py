@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--campaigns", default=None, metavar="PATH", help="campaign catalog")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for 'bidder serve' (repeatable), e.g. --serve-arg=--no-pin")
+    parser.add_argument("--fleet", type=number(int, 0, maximum=4), default=0, metavar="N",
+                        help="instead: N hosts on one private PostgreSQL ledger, notices sent to "
+                             "any host and retried on another, booked spend against the budget, "
+                             "then a day of daily pacing in 60 s drawn to --pacing-plot")
+    parser.add_argument("--pacing-plot", default="fleet-pacing.png", metavar="PNG",
+                        help="where --fleet draws its paced day")
 
 
 def say(message: str) -> None:
@@ -99,7 +105,39 @@ def show_bids(port: int, requests: list[tuple[bytes, dict[str, str]]], n: int) -
     conn.close()
 
 
+def run_fleet_demo(args: argparse.Namespace) -> int:
+    """``--fleet N``: the money of a fleet, end to end (loadtests/fleet.py, loadtests/pacing.py)."""
+    from loadtests import fleet, pacing
+
+    options = argparse.Namespace(hosts=args.fleet, workers=1, ledger="postgresql", budget=1.5,
+                                 rate=120.0, duration=30.0, win_share=0.5, retry_share=0.2,
+                                 notice_delay=0.5, kill_at=None, lease_ttl_s=3.0, seed=1, out=None)
+    say(f"{args.fleet} hosts, one PostgreSQL ledger, a {options.budget:g} USD budget; billing "
+        "notices go to any host, one in five is retried on another")
+    result = fleet.run_fleet(options, say)
+    print("Fleet:")
+    print("  " + fleet.report(result).replace("\n", "\n  "))
+    day = argparse.Namespace(hosts=args.fleet, daily_budget=5.0, timezone="America/New_York",
+                             day_s=60.0, rate=80.0, notice_delay=0.2, catchup_s=300.0, seed=1,
+                             out=args.pacing_plot)
+    say(f"a campaign day ({day.timezone}) in {day.day_s:g} s, daily budget {day.daily_budget:g} "
+        "USD, paced over the day")
+    paced = pacing.run_day(day, say)
+    print(f"Pacing: final spend {paced['final_spend_usd']:.4f} of {day.daily_budget:g} USD; worst "
+          f"hour after the first {paced['worst_deviation_after_first_hour']:+.1%} of the even "
+          f"line; plot {args.pacing_plot}")
+    verdict = (result.double_bookings == 0 and result.failed == 0
+               and 0.8 * options.budget <= result.spend_usd
+               <= 1.02 * options.budget + result.max_impression_usd
+               and paced["within_tolerance"])
+    print(f"Result: {'OK' if verdict else 'NOT OK'} (no double booking, spend within the "
+          "budget's bound, pacing within +-10 % of the even line)")
+    return 0 if verdict else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.fleet:
+        return run_fleet_demo(args)
     with ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bidder-demo-"))
         memcached = args.memcached

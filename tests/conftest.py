@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from bidder.memcached_proc import EmbeddedMemcached
+from bidder.postgres_proc import EmbeddedPostgres
 from bidder.metrics import FLUSH_S
 from bidder.seed import seed_users
 from loadtests import stack
@@ -22,6 +23,26 @@ def memcached() -> Iterator[EmbeddedMemcached]:
     with EmbeddedMemcached(memory_mb=64) as mc:
         seed_users(mc.address, SEEDED_USERS, progress=False)
         yield mc
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    """A private PostgreSQL cluster (initdb + pg_ctl in a temp dir; as root, run as an
+    unprivileged user), shared by the session: each test uses a database of its own."""
+    with EmbeddedPostgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """A fresh database in the private cluster, for one test."""
+    import psycopg
+
+    name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name.lower())[:50]
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres.url.rsplit("/", 1)[0] + "/" + name
 
 
 class Server(stack.Server):

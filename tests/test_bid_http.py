@@ -258,7 +258,8 @@ def test_health_ready_metrics_and_routing(server):
     status, _, body = server.admin("GET", "/readyz")
     ready = json.loads(body)
     assert status == 200 and ready["ready"] is True
-    assert set(ready["components"]) == {"catalog", "model", "memcached"}
+    assert set(ready["components"]) == {"catalog", "model", "memcached", "budgets"}
+    assert ready["components"]["budgets"]["ok"] is True
     assert ready["components"]["catalog"]["campaigns"] == 7
     assert ready["components"]["memcached"]["ok"] is True
     status, _, body = server.admin("GET", "/metrics")

@@ -14,8 +14,10 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from pymemcache.client.base import Client
 
-from bidder.ledger import Ledger
+from bidder.featurestore import frequency_key, pending_key, user_key
+from bidder.ledger import open_ledger
 from bidder.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
 from tests.test_bid_http import CATALOG, bids_of, site_request
@@ -51,7 +53,7 @@ def test_notices_are_booked_once_and_forgeries_refused(start_server, memcached):
         t.join()
     assert sorted(results) == ["booked"] + ["duplicate"] * 11
 
-    ledger = Ledger(os.path.join(server.workdir, "ledger.sqlite3"))
+    ledger = open_ledger(os.path.join(server.workdir, "ledger.sqlite3"))
     expected_micros = round(float(price) * 1_000_000) // 1000
     assert ledger.spend() == {"jp-shoes": expected_micros}
     assert ledger.count("billing") == 1 and ledger.count("win") == 1
@@ -79,36 +81,73 @@ def test_test_requests_are_never_billed(start_server, memcached):
     server = start_server("--campaigns", CATALOG, memcached=memcached.address)
     bid = one_bid(server, test=1)
     assert server.request("GET", notice_path(bid["burl"], "1.0"))[0] == 200
-    ledger = Ledger(os.path.join(server.workdir, "ledger.sqlite3"))
+    ledger = open_ledger(os.path.join(server.workdir, "ledger.sqlite3"))
     assert ledger.count("billing") == 1 and ledger.spend() == {}
     ledger.close()
 
 
-def test_budget_stops_a_campaign_once_billed_spend_reaches_it(start_server, memcached):
+def bids_until_budget_refuses(server, **request) -> list[dict]:
+    """Bid until the budget refuses (``budget_exhausted``): the bids it allowed. Pacing pauses
+    (the first slice is 1 % of the budget, under one impression: the refill then leases what
+    the bid needed) are waited out."""
+    bids: list[dict] = []
+    for _ in range(40):
+        status, headers, body = server.bid(site_request(**request))
+        if status == 200:
+            bids += bids_of(body)
+        elif headers["x-nobid-reason"] == "budget_exhausted":
+            return bids
+        else:
+            assert headers["x-nobid-reason"] == "budget_paced"
+            time.sleep(0.2)
+    raise AssertionError(f"the budget never refused: {[(b['cid'], b['price']) for b in bids]} {headers} "
+                         f"{server.admin('GET', '/readyz')[2]!r}\n{server.log()[-3000:]}")
+
+
+def reservation_micros(price: float) -> int:
+    """What a bid at ``price`` USD CPM reserves: its most costly bill, a cent CPM over."""
+    return round((price + 0.01) * 1_000_000) // 1000 + 1
+
+
+def test_budget_reserved_at_bid_time_stops_the_campaign_before_its_bill(start_server, memcached):
+    """The budget (8 USD) holds as many impressions as their reservations fit (this campaign
+    bids a few USD an impression, the price depending on the hour): bids reserve it, so the
+    next bid is refused at once, before any billing notice."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
-    bid = one_bid(server, country="CAN")
-    assert bid["cid"] == "budgeted"
-    assert server.request("GET", notice_path(bid["burl"], f"{bid['price']:.6f}"))[0] == 200
-    # the worker that booked the billing stops the campaign at once (review 3, R5: it used to
-    # keep bidding for up to a second of spend); others within budget.REFRESH_S
+    bids = bids_until_budget_refuses(server, country="CAN")
+    assert bids and {b["cid"] for b in bids} == {"budgeted"}
+    assert len(bids) == 8_000_000 // reservation_micros(bids[0]["price"])
+    for bid in bids:
+        assert server.request("GET", notice_path(bid["burl"], f"{bid['price']:.6f}"))[0] == 200
     status, headers, _ = server.bid(site_request(country="CAN"))
     assert status == 204 and headers["x-nobid-reason"] == "budget_exhausted"
     assert server.bid(site_request(country="JPN"))[0] == 200  # other campaigns keep bidding
 
 
-def test_frequency_cap_counts_billed_impressions_per_user(start_server, memcached):
+def test_frequency_cap_counts_bids_in_flight_and_billed_impressions(start_server, memcached):
+    """Cap of 1: a bid in flight holds the user's one impression until its loss notice frees
+    it; a billed impression holds it for the window, counted once however often it is sent."""
     server = start_server("--campaigns", CATALOG, "--memcached-timeout-ms", "100",
                           memcached=memcached.address)
     user = {"id": "freq-user-1"}
-    bid = one_bid(server, country="FRA", user=user)
-    assert bid["cid"] == "capped"
-    # a win alone books nothing: the cap counts billed impressions
+    lost = one_bid(server, country="FRA", user=user)
+    assert lost["cid"] == "capped"
+    status, headers, _ = server.bid(site_request(country="FRA", user=user))
+    assert status == 204 and headers["x-nobid-reason"] == "frequency_capped"  # in flight
+    assert server.request("GET", notice_path(lost["lurl"], "2.0").replace(
+        "${AUCTION_LOSS}", "102"))[0] == 200
+    bid = one_bid(server, country="FRA", user=user)  # the loss released it
+    # a win alone books nothing: the cap counts billed impressions (and this bid is in flight)
     assert server.request("GET", notice_path(bid["nurl"], "1.0"))[0] == 200
-    assert server.bid(site_request(country="FRA", user=user))[0] == 200
-    assert server.request("GET", notice_path(bid["burl"], "1.0"))[0] == 200
+    for _ in range(3):  # the exchange retries the billing notice: counted once
+        assert server.request("GET", notice_path(bid["burl"], "1.0"))[0] == 200
     status, headers, _ = server.bid(site_request(country="FRA", user=user))
     assert status == 204 and headers["x-nobid-reason"] == "frequency_capped"
     assert server.bid(site_request(country="FRA", user={"id": "another-user"}))[0] == 200
+    client = Client(("127.0.0.1", memcached.port))
+    keys = [key("capped", user_key("freq-user-1")) for key in (frequency_key, pending_key)]
+    assert [int(client.get(k)) for k in keys] == [1, 0]  # one billed, none in flight
+    client.close()
 
 
 def test_memcached_down_degrades_to_default_features(start_server, tmp_path):

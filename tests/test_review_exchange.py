@@ -290,7 +290,9 @@ def test_privacy_signals_without_leave_use_no_user_data(server):
              {"regs": {"gdpr": "0", "coppa": False}, "user": {"id": world.user_id(9)}},
              {"regs": {"gpp": "DBABLA~BAAAAAAAAQA", "gpp_sid": [7]},
               "user": {"id": world.user_id(9)}}]
-    for extra in leave:
+    for n, extra in enumerate(leave):
+        # a user of its own: bids in flight for a user (other tests') count against the cap
+        extra["user"]["id"] = f"privacy-leave-{n}"
         [bid] = bids_of(server.bid(site_request(country="FRA", **extra))[2])
         assert bid["cid"] == "capped" and "&u=&" not in bid["burl"], extra
 

@@ -11,7 +11,8 @@ import pytest
 from bidder import catalog as catalog_mod
 from bidder.auction import Auction, ImpPlan, NoBid
 from bidder.currency import Rates
-from bidder.ledger import Ledger, Notice
+from bidder.budget import Budgets
+from bidder.ledger import TOTAL, Notice, open_ledger
 from bidder.notices import NoticeSigner
 from bidder.openrtb import decode_request
 from bidder.settings import BY_NAME
@@ -21,8 +22,11 @@ from tests.test_bid_http import CATALOG, site_request
 RATES = Rates.parse(BY_NAME["currency_rates"].default)
 
 
-def auction(path: str | None = None) -> Auction:
-    return Auction(catalog_mod.load(path, RATES), RATES, NoticeSigner("http://bidder", "s"))
+def auction(path: str | None = None, ledger: str = ":memory:") -> Auction:
+    catalog = catalog_mod.load(path, RATES)
+    budgets = Budgets(catalog, RATES, lambda: open_ledger(ledger))
+    budgets.leases.refill()  # leased, as a worker is before it is ready: budgets do not vary
+    return Auction(catalog, RATES, NoticeSigner("http://bidder", "s"), budgets)
 
 
 def decoded(n: int, mix: str, seed: int) -> list:
@@ -78,8 +82,8 @@ def test_requests_that_differ_in_what_eligibility_reads_are_not_confused():
 
 
 def test_an_exhausted_budget_stops_its_campaign_on_the_next_request_of_a_cached_shape(tmp_path):
-    a = auction(CATALOG)
-    ledger = Ledger(str(tmp_path / "ledger.sqlite3"))
+    spec = str(tmp_path / "ledger.sqlite3")
+    a = auction(CATALOG, spec)
     r = decode_request(msgspec.json.encode(site_request(country="CAN")))
     budgeted = 1 << a.catalog.index["budgeted"]
     for _ in range(2):  # cached after the first
@@ -88,7 +92,9 @@ def test_an_exhausted_budget_stops_its_campaign_on_the_next_request_of_a_cached_
         [plan] = a.plan_imps(r, campaigns)
         assert isinstance(plan, ImpPlan) and plan.campaigns & budgeted
     limit = a.catalog.budget_micros[a.catalog.index["budgeted"]]
-    ledger.record(Notice("billing", "b1", "budgeted", "cr", "1", "", limit * 1000, "USD", False))
-    a.budgets.refresh(ledger, 0.0, force=True)  # what the worker booking the notice does
-    assert a.eligible_campaigns(r) == NoBid("budget_exhausted")
+    ledger = open_ledger(spec)  # another host books a bill of this worker's for the budget
+    ledger.record(Notice("billing", "b1", "budgeted", "cr", "1", "", limit * 1000, "USD", False,
+                         a.budgets.holder), (TOTAL,))
     ledger.close()
+    a.budgets.leases.refill()  # the next refill reads it back
+    assert a.eligible_campaigns(r) == NoBid("budget_exhausted")

@@ -1,0 +1,36 @@
+"""Money across a fleet: three ``bidder serve`` hosts on one private PostgreSQL ledger, an
+exchange routing notices to random hosts and retrying a fifth of billing notices on another
+host (loadtests/fleet.py). Exactly once, the budget spent and not passed; the same with a
+host SIGKILLed mid-run."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from loadtests.fleet import report, run_fleet
+
+
+def fleet_args(**overrides) -> argparse.Namespace:
+    args = dict(hosts=3, workers=1, ledger="postgresql", budget=0.8, rate=120.0, duration=25.0,
+                win_share=0.5, retry_share=0.2, notice_delay=0.5, kill_at=None, lease_ttl_s=2.0,
+                seed=3, out=None)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+@pytest.mark.parametrize("kill_at", [None, 1.5], ids=["three-hosts", "one-host-killed"])
+def test_a_fleet_books_each_notice_once_and_spends_its_budget(kill_at):
+    args = fleet_args(kill_at=kill_at)
+    r = run_fleet(args, say=lambda message: None)
+    print(report(r))
+    assert r.billing_retries > 10 and r.failed == 0 and r.refused == 0
+    assert r.double_bookings == 0 and r.booked == r.wins == r.ledger_billings
+    assert r.duplicates == r.billing_retries
+    # the ledger books what the exchange billed (each cost rounded down to the micro)
+    assert 0 <= r.exchange_spend_usd - r.spend_usd <= r.wins * 1e-6
+    assert r.spend_usd <= 1.02 * args.budget + r.max_impression_usd
+    assert r.spend_usd >= 0.8 * args.budget  # spent, not stranded (a dead host's lease too)
+    assert r.nobids.get("budget_exhausted", 0) > 0
+    if kill_at is not None:
+        assert r.killed_host is not None and r.rerouted > 0
