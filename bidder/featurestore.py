@@ -160,6 +160,17 @@ def server_name(server: Server) -> str:
     return server if isinstance(server, str) else f"{server[0]}:{server[1]}"
 
 
+def check_keys(keys: list[str]) -> str:
+    """``keys`` joined by spaces, or ValueError (a bug of ours, not a server fault) when one is
+    not a memcached key: printable ASCII without spaces, at most 250 bytes."""
+    line = " ".join(keys)
+    if (not line.isascii() or not line.isprintable() or len(line.split()) != len(keys)
+            or max(map(len, keys)) > MAX_KEY):
+        raise ValueError(f"not memcached keys (printable ASCII, no spaces, <= {MAX_KEY} "
+                         f"bytes): {keys!r}")
+    return line
+
+
 class LookupClient(Client):
     """pymemcache's ``Client`` with a lean ``get_many`` for the bid path.
 
@@ -177,11 +188,7 @@ class LookupClient(Client):
     def get_many(self, keys: list[str]) -> dict[str, Any]:  # type: ignore[override]
         if not keys:
             return {}
-        command = "get " + " ".join(keys)
-        if (not command.isascii() or not command.isprintable() or len(command.split()) != len(keys) + 1
-                or max(map(len, keys)) > MAX_KEY):
-            raise ValueError(f"not memcached keys (printable ASCII, no spaces, <= {MAX_KEY} "
-                             f"bytes): {keys!r}")
+        command = "get " + check_keys(keys)
         if self.sock is None:
             self._connect()
         sock = self.sock
@@ -339,6 +346,7 @@ class FeatureStore:
         """
         if not self.shards:
             return
+        check_keys([key])  # a bad key is a bug: it must raise, not mark the server down
         shard = self.shard_of(key)
         if shard.down(time.monotonic()):
             self._keep_unwritten(key, window_s)
@@ -358,12 +366,13 @@ class FeatureStore:
         shard = self._only or (self.shard_of(key) if self.shards else None)
         if shard is None or shard.down(time.monotonic()):
             return
+        check_keys([key])  # a bad key is a bug: it must raise, not mark the server down
         try:
             if exists:
                 shard.client.incr(key, 1, noreply=True)
             else:
                 shard.client.add(key, 1, expire=ttl_s, noreply=True)
-        except Exception as exc:
+        except FAULTS as exc:
             self._failed(shard, exc)
 
     def release_pending(self, key: str) -> None:
@@ -371,9 +380,10 @@ class FeatureStore:
         shard = self.shard_of(key) if self.shards else None
         if shard is None or shard.down(time.monotonic()):
             return
+        check_keys([key])
         try:
             shard.client.decr(key, 1, noreply=True)
-        except Exception as exc:
+        except FAULTS as exc:
             self._failed(shard, exc)
 
     @staticmethod

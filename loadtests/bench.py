@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "connections and an open loop at 2x its capacity (bids/s, "
                              "no-bids/s, p99, unanswered; overload.json and overload.png).")
     parser.add_argument("--users", type=number(int, 1), default=10_000, help="Users to seed.")
+    parser.add_argument("--unix-memcached", action="store_true",
+                        help="The embedded memcached listens on a Unix socket (--memcached "
+                             "unix:PATH, as a co-located one would) instead of loopback TCP.")
     parser.add_argument("--mix", default="",
                         help="Traffic mix NAME=VALUE,... (loadtests.traffic.Mix).")
     parser.add_argument("--sla-p99-ms", type=number(float, 0, exclusive=True), default=50.0,
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     workers = serve_workers(serve_args)
     runs: list[dict[str, Any]] = []
     cap = None
-    with EmbeddedMemcached() as memcached:
+    with EmbeddedMemcached(unix_socket=args.unix_memcached) as memcached:
         placement.confine_helper(memcached.process.pid)
         stack.log(f"embedded memcached on {memcached.address}; seeding {args.users} users")
         stack.seed_users(memcached.address, args.users)
@@ -230,6 +233,7 @@ def summarise(runs: list[dict[str, Any]], cap: capacity.Capacity | None,
         "capacity_rps_at_sla": cap.rate if cap else None,
         "capacity_bracketed": cap.bracketed if cap else None,
         "sla_p99_ms": args.sla_p99_ms, "serve": args.serve, "workers": workers,
+        "memcached": "unix" if args.unix_memcached else "tcp",
         "connections": args.connections, "duration_s": args.duration, "reps": args.reps,
         "runs": runs, "capacity": cap.as_dict() if cap else None, "notes": notes,
     }
@@ -237,8 +241,8 @@ def summarise(runs: list[dict[str, Any]], cap: capacity.Capacity | None,
 
 def format_summary(doc: dict[str, Any]) -> str:
     lines = [f"bench: bidder serve {doc['serve'] or '(defaults)'}, {doc['workers']} workers, "
-             f"{doc['connections']} keep-alive connections, {doc['duration_s']:g} s closed loop "
-             f"x {doc['reps']} each",
+             f"memcached over {doc['memcached']}, {doc['connections']} keep-alive connections, "
+             f"{doc['duration_s']:g} s closed loop x {doc['reps']} each",
              f"  {'':34} {'requests/s':>10} {'':17} {'worker CPU/request':>18}",
              _row("bidder", "bidder", doc["bidder_rps"], doc["bidder_cpu_us_per_request"], doc)]
     if doc["stock"]:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     stack.log(f"placement: {placement.note}")
     levels: list[Level] = []
     gen_out = os.path.join(logs, "overload-generator.json")
-    with EmbeddedMemcached() as memcached:
+    with EmbeddedMemcached(unix_socket=args.unix_memcached) as memcached:
         placement.confine_helper(memcached.process.pid)
         stack.log(f"embedded memcached on {memcached.address}; seeding {args.users} users")
         stack.seed_users(memcached.address, args.users)
@@ -110,10 +110,11 @@ def run(args: argparse.Namespace) -> int:
                           cpus=placement.server_cpus) as server:
             base = CONNECTIONS_PER_WORKER * len(server.workers())
             gen = dict(mix=mix_text, users=args.users, cpus=placement.generator_cpus)
-            runs = [(name, base * k, None) for name, k in LEVELS]
-            for name, connections, rate in runs + [("open 2x", base * LEVELS[-1][1], OPEN_FACTOR)]:
-                if rate is not None:  # the open loop: twice what the normal run answered
-                    rate = OPEN_FACTOR * levels[0].answered_rps
+            plan = [(name, base * k, False) for name, k in LEVELS]
+            plan.append(("open 2x", base * LEVELS[-1][1], True))
+            for name, connections, open_loop in plan:
+                # the open loop offers twice what the normal run answered
+                rate = OPEN_FACTOR * levels[0].answered_rps if open_loop else None
                 stack.log(f"overload {name}: {connections} connections"
                           + (f", open loop at {rate:.0f}/s" if rate else ", closed loop"))
                 argv = openloop.command(server.url, args.duration, rate, connections, gen_out,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import deque
 
@@ -147,7 +149,10 @@ def test_a_unix_socket_server_is_seeded_and_read_like_a_tcp_one():
     """`--memcached unix:PATH` (a co-located memcached): the seeder and the bid path agree."""
     with EmbeddedMemcached(memory_mb=16, unix_socket=True) as mc:
         assert mc.address.startswith("unix:/") and parse_servers(mc.address) == [mc.socket_path]
-        assert seed_users(mc.address, 50, progress=False) == 50
+        seeded = subprocess.run([sys.executable, "-m", "bidder", "seed", "--memcached",
+                                 mc.address, "--users", "50"], capture_output=True, text=True,
+                                timeout=60)
+        assert seeded.returncode == 0 and "seeded 50 users" in seeded.stdout, seeded.stderr
         store = store_for(mc.address)
         key = frequency_key("c1", user_key(world.user_id(7)))
         store.count_impression(key, 60)
@@ -195,6 +200,8 @@ def test_a_bug_raises_and_does_not_mark_the_server_down(memcached):
     store = store_for(memcached.address)
     with pytest.raises(ValueError, match="not memcached keys"):
         store.lookup(["u:with space"], [], 1.0)
+    with pytest.raises(ValueError, match="not memcached keys"):
+        store.count_impression("f:c1:" + "x" * 300, 60)
     assert store.last_error is None and not any(s.down_until for s in store.shards.values())
     assert store.lookup([user_key(world.user_id(3))], [], 1.0)[0].segments == \
         list(world.user_segments(3))
