@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet", type=number(int, 0, maximum=4), default=0, metavar="N",
                         help="instead: N hosts on one private PostgreSQL ledger, notices sent to "
                              "any host and retried on another, booked spend against the budget, "
-                             "then a day of daily pacing in 60 s drawn to --pacing-plot")
+                             "then a day of daily pacing in 120 s drawn to --pacing-plot")
     parser.add_argument("--pacing-plot", default="fleet-pacing.png", metavar="PNG",
                         help="where --fleet draws its paced day")
 
@@ -118,7 +118,7 @@ def run_fleet_demo(args: argparse.Namespace) -> int:
     print("Fleet:")
     print("  " + fleet.report(result).replace("\n", "\n  "))
     day = argparse.Namespace(hosts=args.fleet, daily_budget=5.0, timezone="America/New_York",
-                             day_s=60.0, rate=80.0, notice_delay=0.2, catchup_s=300.0, seed=1,
+                             day_s=120.0, rate=80.0, notice_delay=0.1, catchup_s=300.0, seed=1,
                              out=args.pacing_plot)
     say(f"a campaign day ({day.timezone}) in {day.day_s:g} s, daily budget {day.daily_budget:g} "
         "USD, paced over the day")
