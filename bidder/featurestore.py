@@ -365,10 +365,11 @@ class FeatureStore:
         shard = self.shard_of(key) if self.shards else None
         if shard is None or shard.down(time.monotonic()):
             return
+        check_keys([key])  # a bad key is a bug: it must raise, not mark the server down
         try:
             shard.client.add(key, 0, expire=ttl_s, noreply=True)
             shard.client.incr(key, 1, noreply=True)
-        except Exception as exc:
+        except FAULTS as exc:
             self._failed(shard, exc)
 
     def release_pending(self, key: str) -> None:
@@ -376,9 +377,10 @@ class FeatureStore:
         shard = self.shard_of(key) if self.shards else None
         if shard is None or shard.down(time.monotonic()):
             return
+        check_keys([key])
         try:
             shard.client.decr(key, 1, noreply=True)
-        except Exception as exc:
+        except FAULTS as exc:
             self._failed(shard, exc)
 
     @staticmethod

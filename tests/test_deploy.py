@@ -63,7 +63,7 @@ def test_rules_parse_and_every_alert_has_a_runbook_section():
     recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
     assert {a["alert"] for a in alerts} >= {
         "BidderLatencyNearTmax", "BidderNoBidShareJump", "BidderMemcachedErrors",
-        "BidderWorkerRestarting", "BidderModelReloadFailing"}
+        "BidderWorkerRestarting", "BidderModelReloadFailing", "BidderSpendAheadOfPace"}
     runbook = (DEPLOY.parent / "docs" / "operations.md").read_text()
     headings = {re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
                 for line in runbook.splitlines() if line.startswith("#")}
@@ -96,7 +96,7 @@ def test_dashboard_is_valid_grafana_json():
     assert {"datasource", "job", "instance"} <= variables
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("requests", "no-bids by reason", "latency", "feature store", "cpu per worker",
-                  "model", "spend per campaign"):
+                  "model", "spend per campaign", "pacing line", "budget state"):
         assert topic in titles, topic
     for panel in panels:
         grid = panel["gridPos"]
