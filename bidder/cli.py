@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("server_hooks.tune", "Check, apply or revert the host scheduler/network tuning."),
     "ab": ("loadtests.ab", "A/B two server configurations (default: pinned vs unpinned)."),
     "capacity": ("loadtests.capacity", "Find the highest open-loop rate with p99 under the SLA."),
-    "bench": ("loadtests.bench", "Throughput of the bidder as a ratio to hello-world Falcon."),
+    "bench": ("loadtests.bench", "The bidder against hello-world on stock Gunicorn and on the "
+              "same server; --overload: past its capacity."),
     "fleet": ("loadtests.fleet", "Money across N hosts: one ledger, notices retried across hosts."),
     "pacing": ("loadtests.pacing", "A campaign day in accelerated time: spend against the even line."),
 }

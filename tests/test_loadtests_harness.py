@@ -132,7 +132,7 @@ def test_bench_prints_the_ratios_to_stock_gunicorn_and_to_the_same_server(tmp_pa
 
 
 def test_bench_overload_reports_bids_nobids_p99_and_unanswered(tmp_path):
-    proc = subprocess.run(BIDDER + ["bench", "--overload", "--duration", "1", "--warmup", "0.2",
+    proc = subprocess.run(BIDDER + ["bench", "--overload", "--duration", "0.5", "--warmup", "0.1",
                                     "--users", "200", "--serve", "--workers 1",
                                     "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=180)
