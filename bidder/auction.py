@@ -326,12 +326,12 @@ class Auction:
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
         outcome = self.bid_imps(r, plans, caps, user.segments, model, currency, identity,
                                 deadline)
-        if capped and identity and not isinstance(outcome, NoBid):
-            self.reserve_pending(outcome, capped, store)
+        if capped and identity and counters is not None and not isinstance(outcome, NoBid):
+            self.reserve_pending(outcome, capped, counters, store)
         return outcome
 
     def reserve_pending(self, response: BidResponse, capped: list[tuple[int, Campaign, str, str]],
-                        store: FeatureStore) -> None:
+                        counters: dict[str, int | None], store: FeatureStore) -> None:
         """Each bid of a capped campaign counts as pending until its billing or loss notice
         (or the reservation lifetime), so bids in flight cannot pass the cap."""
         pending = {c.id: key for _, c, _, key in capped}
@@ -339,7 +339,8 @@ class Auction:
             for b in seatbid.bid:
                 key = pending.get(b.cid)
                 if key is not None:
-                    store.reserve_pending(key, self.pending_ttl_s)
+                    store.reserve_pending(key, self.pending_ttl_s, key in counters)
+                    counters[key] = (counters.get(key) or 0) + 1  # another imp's: incr
 
     def bid_imps(self, r: BidRequest, plans: list[ImpPlan | NoBid], caps: FrequencyCaps,
                  segments: list, model, currency: str, identity: str,

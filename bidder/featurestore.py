@@ -359,16 +359,19 @@ class FeatureStore:
             return
         self._replay(REPLAY_PER_CALL)
 
-    def reserve_pending(self, key: str, ttl_s: int) -> None:
-        """Count one bid in flight (bid path: two noreply writes, nothing is waited for).
-        The counter lives ``ttl_s`` from its first bid; a fault only loses the reservation."""
-        shard = self.shard_of(key) if self.shards else None
+    def reserve_pending(self, key: str, ttl_s: int, exists: bool) -> None:
+        """Count one bid in flight (bid path: one noreply write, nothing is waited for):
+        ``incr`` a counter the look-up found (``exists``), else ``add`` it at 1, to live
+        ``ttl_s``. Two first bids racing lose one count; a fault loses the reservation."""
+        shard = self._only or (self.shard_of(key) if self.shards else None)
         if shard is None or shard.down(time.monotonic()):
             return
         check_keys([key])  # a bad key is a bug: it must raise, not mark the server down
         try:
-            shard.client.add(key, 0, expire=ttl_s, noreply=True)
-            shard.client.incr(key, 1, noreply=True)
+            if exists:
+                shard.client.incr(key, 1, noreply=True)
+            else:
+                shard.client.add(key, 1, expire=ttl_s, noreply=True)
         except FAULTS as exc:
             self._failed(shard, exc)
 

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from time import monotonic
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -58,6 +59,10 @@ class Clock:
             if not rate > 0:
                 raise ValueError(f"budget clock {spec!r}: RATE must be positive")
             self.sim_start, self.wall_start, self.rate = sim, wall, rate
+
+    def set(self, sim_now: float, rate: float = 1.0) -> None:
+        """Budget time is ``sim_now`` at this wall instant and runs ``rate`` times as fast."""
+        self.sim_start, self.wall_start, self.rate = sim_now, time.time(), rate
 
     def of(self, wall: float) -> float:
         if self.rate == 1.0 and self.sim_start == self.wall_start:
@@ -136,6 +141,7 @@ class BudgetLeases:
         self.holder = holder or os.urandom(8).hex()
         self.clock = clock or Clock()
         self.settings = settings or Settings()
+        self._reservation_ttl_s = self.settings.reservation_ttl_s
         self._open_ledger = open_ledger
         self._campaigns = {r.index: _Campaign(r) for r in rules}
         self._lock = threading.Lock()
@@ -159,12 +165,13 @@ class BudgetLeases:
         campaign = self._campaigns.get(index)
         if campaign is None:
             return True
+        low = False
         with self._lock:
             slots = campaign.slots
             if not slots:
                 return False
             for slot in slots:
-                if slot.available < cost:
+                if slot.granted - slot.spent - slot.pending < cost:
                     slot.want = max(slot.want, 2 * cost)
                     slot.cost = cost
                     self.blocked |= 1 << index
@@ -175,10 +182,11 @@ class BudgetLeases:
             for slot in slots:
                 slot.pending += cost
                 slot.cost = cost
-            self._reserved[bid_id] = (cost, slots,
-                                      time.monotonic() + self.settings.reservation_ttl_s, index)
-            if any(slot.available < slot.low for slot in slots):
-                self._wake.set()  # below half a slice: refill now, not at the next tick
+                if slot.granted - slot.spent - slot.pending < slot.low:
+                    low = True
+            self._reserved[bid_id] = (cost, slots, monotonic() + self._reservation_ttl_s, index)
+        if low:
+            self._wake.set()  # below half a slice: refill now, not at the next tick
         return True
 
     # --- notice path ------------------------------------------------------------------------

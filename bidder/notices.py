@@ -36,7 +36,6 @@ WHOLE_UNIT_CURRENCIES = frozenset(
 # b bid, i imp, c campaign, r creative, u user, cur currency, t test, bp bid price,
 # h budget holder (worker), ts issued at (Unix s), k key id
 SIGNED_FIELDS = ("b", "i", "c", "r", "u", "cur", "t", "bp", "h", "ts", "k")
-QUERY = "&".join(f"{name}={{}}" for name in SIGNED_FIELDS)
 KINDS = ("win", "billing", "loss")
 DEFAULT_TTL_S = 48 * 3600
 CLOCK_SKEW_S = 300  # a notice issued this far in the future (another host's clock) still counts
@@ -89,10 +88,10 @@ class _Key:
         self.macs = {kind: hashlib.blake2b(b'["' + kind.encode() + b'",', key=key,
                                            digest_size=16) for kind in KINDS}
 
-    def sign(self, kind: str, encoded_values: bytes) -> str:
-        """The MAC of ``kind`` and the values whose JSON array is ``encoded_values``."""
+    def sign(self, kind: str, tail: memoryview) -> str:
+        """The MAC of ``kind`` and the values whose JSON array, less its '[', is ``tail``."""
         mac = self.macs[kind].copy()
-        mac.update(memoryview(encoded_values)[1:])  # '"b",...]' follows '["kind",'
+        mac.update(tail)
         return mac.hexdigest()
 
 
@@ -114,17 +113,22 @@ class NoticeSigner:
              currency: str, test: int, bid_price: float, holder: str) -> NoticeUrls:
         """(nurl, burl, lurl) for one bid, issued now."""
         key = self._key
-        values = (bid_id, imp_id, campaign, creative, user_key, currency, str(test),
-                  repr(bid_price), holder, str(int(self._clock())), key.id)
-        # a value is URL-safe as it is in the common case: then so is their concatenation
-        escaped = values if _URL_SAFE.fullmatch("".join(values)) else map(_escape, values)
-        query = QUERY.format(*escaped)
-        encoded = msgspec.json.encode(values)
+        price, issued = repr(bid_price), str(int(self._clock()))
+        values = (bid_id, imp_id, campaign, creative, user_key, currency, str(test), price,
+                  holder, issued, key.id)
+        # bid id, holder (hex), price, issued-at, test flag and key id are URL-safe as they are;
+        # the others are too in the common case (then so is their concatenation)
+        if not _URL_SAFE.fullmatch(imp_id + campaign + creative + user_key + currency):
+            imp_id, campaign, creative, user_key, currency = map(
+                _escape, (imp_id, campaign, creative, user_key, currency))
+        query = (f"b={bid_id}&i={imp_id}&c={campaign}&r={creative}&u={user_key}&cur={currency}"
+                 f"&t={test}&bp={price}&h={holder}&ts={issued}&k={key.id}")
+        tail = memoryview(msgspec.json.encode(values))[1:]  # '"b",...]' follows '["kind",'
         base = self.base_url
         return NoticeUrls(
-            f"{base}/notice/win?{query}&s={key.sign('win', encoded)}&p={PRICE_MACRO}",
-            f"{base}/notice/billing?{query}&s={key.sign('billing', encoded)}&p={PRICE_MACRO}",
-            f"{base}/notice/loss?{query}&s={key.sign('loss', encoded)}&loss={LOSS_MACRO}"
+            f"{base}/notice/win?{query}&s={key.sign('win', tail)}&p={PRICE_MACRO}",
+            f"{base}/notice/billing?{query}&s={key.sign('billing', tail)}&p={PRICE_MACRO}",
+            f"{base}/notice/loss?{query}&s={key.sign('loss', tail)}&loss={LOSS_MACRO}"
             f"&p={PRICE_MACRO}")
 
     def verify(self, kind: str, params: dict[str, str]) -> Verified:
@@ -141,7 +145,7 @@ class NoticeSigner:
         values = tuple(params[k] for k in SIGNED_FIELDS)
         signature = params["s"]  # ours is hex; compare_digest raises on a non-ASCII str
         if not (signature.isascii() and hmac.compare_digest(
-                key.sign(kind, msgspec.json.encode(values)), signature)):
+                key.sign(kind, memoryview(msgspec.json.encode(values))[1:]), signature)):
             raise NoticeError("notice signature does not match: the URL was altered or is not ours")
         issued_at = float(params["ts"])  # signed: it is the integer we wrote
         age = self._clock() - issued_at

@@ -111,7 +111,7 @@ def run_day(args: argparse.Namespace, say=print) -> dict:
     result = {"day": day, "timezone": args.timezone, "daily_budget_usd": args.daily_budget,
               "day_s": args.day_s, "final_spend_usd": final, "hours": hours,
               "worst_deviation_after_first_hour": max(
-                  (abs(h["deviation"]) for h in hours if h["hour"] >= 1), default=None),
+                  (h["deviation"] for h in hours if h["hour"] >= 1), key=abs, default=None),
               "within_tolerance": all(abs(h["deviation"]) <= TOLERANCE
                                       for h in hours if h["hour"] >= 1)}
     plot(samples, args, result)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -275,3 +276,31 @@ def test_type_notify_the_master_says_ready_once_it_listens(tmp_path):
             assert server.request("GET", "/healthz")[0] == 200  # listening when it said so
         finally:
             server.stop()
+
+
+def test_the_containerfile_copies_all_a_build_needs(tmp_path):
+    """The image's build context: the files its COPY lines take build the wheel it installs
+    (no registry here to build the image itself)."""
+    root = DEPLOY.parent
+    tracked = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    copies = [line.split()[1:-1] for line in CONTAINERFILE.read_text().splitlines()
+              if line.startswith("COPY ")]
+    sources = [src for srcs in copies for src in srcs]
+    assert "pyproject.toml" in sources and "bidder" in sources
+    context = tmp_path / "src"
+    for name in filter(None, tracked):
+        if any(name == src or name.startswith(src + "/") for src in sources):
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            (context / name).write_bytes((root / name).read_bytes())
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir",
+                            str(tmp_path / "dist"), str(context)], capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    wheel, = (tmp_path / "dist").glob("bidder-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packed = set(archive.namelist())
+    for needed in ("bidder/serve.py", "bidder/data/model.npz", "server_hooks/worker.py",
+                   "server_hooks/host/sysctl.d/99-bidder.conf", "models/artifact.py",
+                   "loadtests/stack.py"):
+        assert needed in packed, f"{needed} is not in the image's wheel: a COPY is missing"

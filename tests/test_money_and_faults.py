@@ -274,3 +274,26 @@ def test_a_notice_waiting_on_the_ledger_does_not_hold_up_bids(start_server, memc
     notice.join(10)
     assert results == [200]
     assert worst < 0.2, f"a bid took {worst * 1000:.0f} ms behind the waiting notice"
+
+
+def test_bids_in_flight_for_one_user_pass_a_cap_by_at_most_the_workers_racing(start_server,
+                                                                            memcached):
+    """Cap 1, two workers, 12 bids at once for each of 8 users: a bid reserves a pending count
+    before its answer, so at most one more bid than the cap per racing worker gets through."""
+    server = start_server("--campaigns", CATALOG, "--workers", "2", "--memcached-timeout-ms", "100",
+                          memcached=memcached.address)
+    for n in range(8):
+        user = {"id": f"racing-user-{n}"}
+        answers: list[tuple[int, bytes]] = []
+
+        def send() -> None:
+            status, _, body = server.bid(site_request(country="FRA", user=user))
+            answers.append((status, body))
+        threads = [threading.Thread(target=send) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        capped = [b for status, body in answers if status == 200 for b in bids_of(body)
+                  if b["cid"] == "capped"]
+        assert 1 <= len(capped) <= 2, (user, len(capped))  # cap + (workers - 1)
