@@ -144,6 +144,17 @@ class Ledger(ABC):
         with self._lock, self._transaction(write):
             yield
 
+    @contextmanager
+    def _begun(self, begin: str) -> Iterator[None]:
+        """``begin`` (a BEGIN statement), then COMMIT, or ROLLBACK when the block raises."""
+        self._execute(begin)
+        try:
+            yield
+        except BaseException:
+            self._execute("ROLLBACK")
+            raise
+        self._execute("COMMIT")
+
     def _retrying(self, work: Callable[[], Any], write: bool = True) -> Any:
         for attempt in range(RETRIES):
             try:
@@ -347,13 +358,8 @@ class SqliteLedger(Ledger):
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
+        with self._begun("BEGIN IMMEDIATE" if write else "BEGIN"):
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -390,13 +396,8 @@ class PostgresLedger(Ledger):
             with self._db.transaction():
                 yield
             return
-        self._db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        try:
+        with self._begun("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"):
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
