@@ -13,7 +13,7 @@ from bidder.catalog import Bits, Catalog
 from bidder.currency import Rates
 from bidder.leases import UTC, BudgetLeases, BudgetRule, Clock, Settings, day_of
 from bidder.ledger import TOTAL, Ledger
-from bidder.notices import WHOLE_UNIT_CURRENCIES, PRICE_TOLERANCE
+from bidder.notices import price_tolerance
 
 
 def rules_of(catalog: Catalog) -> list[BudgetRule]:
@@ -95,9 +95,8 @@ class Budgets:
         tolerance included); True when campaign ``index`` has no budget."""
         if index not in self.limited:
             return True
-        tolerance = PRICE_TOLERANCE if currency not in WHOLE_UNIT_CURRENCIES else 1.0
         # USD micros of the CPM / 1000, rounded up: never less than the bill
-        cost = int(self.rates.to_usd(price + tolerance, currency) * 1000) + 1
+        cost = int(self.rates.to_usd(price + price_tolerance(currency), currency) * 1000) + 1
         return self.leases.reserve(index, bid_id, cost)
 
     def release(self, bid_id: str) -> bool:

@@ -105,10 +105,6 @@ class NoticeSigner:
         self.ttl_s = ttl_s
         self._clock = clock
 
-    @property
-    def key_ids(self) -> list[str]:
-        return list(self._keys)
-
     def urls(self, bid_id: str, imp_id: str, campaign: str, creative: str, user_key: str,
              currency: str, test: int, bid_price: float, holder: str) -> NoticeUrls:
         """(nurl, burl, lurl) for one bid, issued now."""
@@ -174,14 +170,13 @@ class NoticeSigner:
         if kind == "loss":  # the winner's price: above ours, and nothing to book
             return price
         bid_price = float(params["bp"])
-        tolerance = 1.0 if params["cur"].upper() in WHOLE_UNIT_CURRENCIES else PRICE_TOLERANCE
+        tolerance = price_tolerance(params["cur"])
         if price > bid_price + tolerance + ROUNDING:
             raise NoticeError(f"clearing price {price} is above our bid {bid_price}")
         return price
 
 
-def max_cost_micros(bid_price_usd: float, currency: str) -> int:
-    """The most a billing notice of a bid at ``bid_price_usd`` CPM can book, in USD micros:
-    what a reservation holds (the price tolerance included, so a bill never exceeds it)."""
-    tolerance = 1.0 if currency in WHOLE_UNIT_CURRENCIES else PRICE_TOLERANCE
-    return int((bid_price_usd + tolerance) * 1000) + 1
+def price_tolerance(currency: str) -> float:
+    """How far above our bid a clearing price in ``currency`` may be rendered: one minor unit
+    (a cent; a whole unit for currencies without decimals)."""
+    return 1.0 if currency.upper() in WHOLE_UNIT_CURRENCIES else PRICE_TOLERANCE
