@@ -7,14 +7,19 @@ opened per process after fork.
 """
 from __future__ import annotations
 
+import io
 import logging
+import math
 import os
 import sqlite3
 import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 import falcon
@@ -22,7 +27,7 @@ import msgspec
 
 from bidder import catalog as catalog_mod
 from bidder import metrics
-from bidder.auction import Auction, NoBid
+from bidder.auction import Auction, NoBid, Prepared
 from bidder.currency import Rates, to_micros
 from bidder.budget import Budgets
 from bidder.featurestore import (UNWRITTEN_MAX, FeatureStore, frequency_key, parse_servers,
@@ -32,7 +37,7 @@ from bidder.leases import Settings as LeaseSettings
 from bidder.ledger import Ledger, LedgerError, Notice, open_ledger
 from bidder.logs import FaultLog
 from bidder.notices import KINDS, NoticeError, NoticeExpired, NoticeSigner, secrets_list
-from bidder.openrtb import InvalidRequest, decode, encode_response
+from bidder.openrtb import BidRequest, InvalidRequest, decode, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
@@ -101,6 +106,20 @@ class ProcessState:
                 pass
 
 
+BID_PATH = "/openrtb2/bid"
+EARLY = "bidder.early"  # environ key: a bid request decoded and prepared in its poll
+
+
+class Early(NamedTuple):
+    """A bid request decoded and prepared before its turn (:meth:`BidResource.prepare`)."""
+
+    body: bytes
+    request: BidRequest
+    lenient: bool
+    prepared: Prepared | NoBid
+    deadline: float
+
+
 class BidResource:
     """``POST /openrtb2/bid``: 200 BidResponse, 204 no-bid, 4xx for bad input."""
 
@@ -128,18 +147,53 @@ class BidResource:
             metrics.tally.inc(metrics.child(metrics.REQUESTS, str(status)))
             metrics.tally.observe(time.monotonic() - arrived)
 
-    def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
-        body = self._read_body(req)
+    def prepare(self, environ: dict) -> Early | None:
+        """Decode a plain bid request's body and prepare its auction ahead of its turn (see
+        :meth:`BidderApp.prefetch`); None for anything else (it is handled entirely in its
+        turn, where any problem is answered). Stored in the environ under EARLY."""
+        if environ.get("PATH_INFO") != BID_PATH or environ.get("REQUEST_METHOD") != "POST" \
+                or environ.get("CONTENT_TYPE") != "application/json" \
+                or environ.get("HTTP_CONTENT_ENCODING", "identity") != "identity":
+            return None
+        stream = environ.get("wsgi.input")
+        if not isinstance(stream, io.BytesIO):
+            return None
+        body = stream.getvalue()
+        if not body or len(body) > self.max_body:
+            return None
         try:
             request, lenient = decode(body)
-        except (msgspec.DecodeError, InvalidRequest) as exc:
-            raise BadRequest(f"invalid OpenRTB 2.6 BidRequest: {exc}")
+            prepared = self.auction.prepare(request)
+        except Exception:  # bad input or a bug: its turn answers it as always
+            return None
+        early = environ[EARLY] = Early(body, request, lenient, prepared,
+                                       self.deadline(request, environ.get(READY_AT)
+                                                     or time.monotonic()))
+        return early
+
+    def deadline(self, request: BidRequest, arrived: float) -> float:
+        """When ``request``, arrived at ``arrived``, must be answered: its tmax (else the
+        default) less the safety margin (at most half of it)."""
+        tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
+        return arrived + tmax_s - min(self.margin_s, tmax_s / 2)
+
+    def _bid(self, req: falcon.Request, resp: falcon.Response, arrived: float) -> None:
+        body = self._read_body(req)
+        early = req.env.get(EARLY)
+        if early is not None and early.body == body:  # decoded and prepared in its poll
+            request, lenient, prepared, deadline = early.request, early.lenient, \
+                early.prepared, early.deadline
+        else:
+            try:
+                request, lenient = decode(body)
+            except (msgspec.DecodeError, InvalidRequest) as exc:
+                raise BadRequest(f"invalid OpenRTB 2.6 BidRequest: {exc}")
+            prepared, deadline = None, self.deadline(request, arrived)
         if lenient:
             metrics.tally.inc(metrics.LENIENT)
-        tmax_s = request.tmax / 1000.0 if request.tmax else self.default_tmax_s
-        deadline = arrived + tmax_s - min(self.margin_s, tmax_s / 2)
         try:
-            outcome = self.auction.bid(request, self.state.store, self.models.current, deadline)
+            outcome = self.auction.bid(request, self.state.store, self.models.current, deadline,
+                                       prepared)
         except Exception as exc:  # a bug must cost one no-bid, never a 5xx to the exchange
             faults.error(f"bid {type(exc).__name__}", "bid request %s failed; answered no-bid",
                          request.id, exc_info=True)
@@ -419,10 +473,36 @@ class BidderApp(falcon.App):
     admin: falcon.App
     admin_port: str
 
+    bids: BidResource
+
     def __call__(self, environ, start_response):
         if environ.get("SERVER_PORT") == self.admin_port:
             return self.admin(environ, start_response)
         return super().__call__(environ, start_response)
+
+    @contextmanager
+    def prefetch(self, environs: list[dict]) -> Iterator[None]:
+        """The worker is about to handle ``environs`` (one poll's requests) one after another:
+        decode and prepare the plain bid requests among them now and read all their look-ups
+        in one memcached round trip, which their turns then use (measured in docs/tuning.md,
+        "One look-up per poll"). Their turns answer them as always; the values read are
+        forgotten when the block ends."""
+        store = self.state.store
+        keys: dict[str, None] = {}
+        earliest = math.inf
+        for environ in environs:
+            early = self.bids.prepare(environ)
+            if early is not None and not isinstance(early.prepared, NoBid) \
+                    and early.prepared.user_keys:
+                keys.update(dict.fromkeys(early.prepared.user_keys))
+                keys.update(dict.fromkeys(early.prepared.counter_keys))
+                earliest = min(earliest, early.deadline)
+        if keys:
+            store.prefetch(list(keys), earliest - time.monotonic())
+        try:
+            yield
+        finally:
+            store.forget_prefetched()
 
 
 class StartupError(RuntimeError):
@@ -466,7 +546,8 @@ def create_app(settings: Settings) -> BidderApp:
     app.req_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = handler
     app.set_error_serializer(_error_serializer)
-    app.add_route("/openrtb2/bid", BidResource(auction, models, state, settings))
+    app.bids = BidResource(auction, models, state, settings)
+    app.add_route(BID_PATH, app.bids)
     app.add_route("/notice/{kind}", NoticeResource(auction, state))
     app.add_route("/healthz", HealthResource())
     app.models = models

@@ -144,6 +144,20 @@ class FrequencyCaps:
             self.uncapped &= ~(1 << campaign)
 
 
+class Prepared(NamedTuple):
+    """A bid request's part of :meth:`Auction.prepare`: what its look-up reads and its bidding
+    then uses."""
+
+    campaigns: Bits  # eligible
+    bidding: Bits  # the eligible ones some imp could be bid with: only their counts matter
+    plans: list  # ImpPlan or NoBid per imp
+    currency: str  # of the response
+    identity: str  # the user key counters are kept under ("": none)
+    user_keys: list[str]
+    counter_keys: list[str]  # billed and pending counts of the capped campaigns that could bid
+    capped: list[tuple[int, Campaign, str, str]]  # (index, campaign, billed key, pending key)
+
+
 def user_keys(r: BidRequest) -> list[str]:
     """The feature-store keys of the user's ids (buyeruid, user.id, device.ifa), most
     specific first; none when the privacy signals forbid using personal data."""
@@ -293,13 +307,11 @@ class Auction:
         bits = cat.any_of(sets.by_seat, list(wseat)) if wseat else ~0
         return bits & ~cat.any_of(sets.by_seat, list(bseat))
 
-    def bid(self, r: BidRequest, store: FeatureStore, model,
-            deadline: float) -> BidResponse | NoBid:
-        """Decide the bids on ``r`` by ``deadline``: campaign eligibility, imp plans, one
-        memcached round trip (user features and frequency counts), then imp by imp bidding."""
-        now = time.monotonic()
-        if now >= deadline:  # queued past its deadline (an overloaded worker): shed at once
-            return NoBid("deadline")
+    def prepare(self, r: BidRequest) -> Prepared | NoBid:
+        """Everything of a bid that needs no look-up: the response currency, campaign
+        eligibility, imp plans and the keys the look-up must read (user features, and the
+        billed and pending counts of the capped campaigns that could bid). A worker prepares
+        the requests of one poll first, so that one round trip serves all their look-ups."""
         currency = self.response_currency(r)
         if currency is None:
             return NoBid("currency_not_supported")
@@ -313,20 +325,35 @@ class Auction:
                 bidding |= p.campaigns
         if not bidding:
             return closest_reason(plans)
-
         keys = user_keys(r)
         identity = keys[0] if keys else ""
         capped = [(i, c, frequency_key(c.id, identity), pending_key(c.id, identity))
                   for i, c in self._capped if bidding >> i & 1]
-        user, counters = store.lookup(
-            keys, [k for _, _, billed, pending in capped for k in (billed, pending)]
-            if identity else [], deadline - now)
-        caps = FrequencyCaps.of(capped, counters, campaigns)
-        if not caps.uncapped & bidding:  # every campaign that could bid is capped
+        counter_keys = [k for _, _, billed, pending in capped
+                        for k in (billed, pending)] if identity else []
+        return Prepared(campaigns, bidding, plans, currency, identity, keys, counter_keys, capped)
+
+    def bid(self, r: BidRequest, store: FeatureStore, model, deadline: float,
+            prepared: Prepared | NoBid | None = None) -> BidResponse | NoBid:
+        """Decide the bids on ``r`` by ``deadline``: ``prepare`` (unless done already), one
+        memcached look-up (user features and frequency counts; the store answers it from
+        its poll's prefetch when there was one), then imp by imp bidding."""
+        now = time.monotonic()
+        if now >= deadline:  # queued past its deadline (an overloaded worker): shed at once
+            return NoBid("deadline")
+        if prepared is None:
+            prepared = self.prepare(r)
+        if isinstance(prepared, NoBid):
+            return prepared
+        capped = prepared.capped
+        user, counters = store.lookup(prepared.user_keys, prepared.counter_keys, deadline - now)
+        caps = FrequencyCaps.of(capped, counters, prepared.campaigns)
+        if not caps.uncapped & prepared.bidding:  # every campaign that could bid is capped
             return NoBid("frequency_capped" if counters is not None else "frequency_unknown")
-        outcome = self.bid_imps(r, plans, caps, user.segments, model, currency, identity,
-                                deadline)
-        if capped and identity and counters is not None and not isinstance(outcome, NoBid):
+        outcome = self.bid_imps(r, prepared.plans, caps, user.segments, model,
+                                prepared.currency, prepared.identity, deadline)
+        if capped and prepared.identity and counters is not None \
+                and not isinstance(outcome, NoBid):
             self.reserve_pending(outcome, capped, counters, store)
         return outcome
 

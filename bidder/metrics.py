@@ -44,6 +44,9 @@ LATENCY = Histogram("bidder_bid_latency_seconds", "Time from arrival to answer o
 FEATURE_STORE = Counter("bidder_feature_store_lookups_total",
                         "User feature look-ups, by outcome (hit, miss, error, skipped).",
                         ["outcome"])
+FEATURE_STORE_READS = Counter(
+    "bidder_feature_store_round_trips_total", "memcached get round trips of the bid path: one "
+    "per server for all the look-ups of a worker's poll (prefetch), else one per look-up.")
 NOTICES = Counter("bidder_notices_total", "Win, billing and loss notices, by kind and outcome "
                   "(booked, duplicate, refused, expired).", ["kind", "outcome"])
 LOSSES = Counter("bidder_loss_notices_total", "Loss notices booked, by OpenRTB loss reason code "

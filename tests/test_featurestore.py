@@ -11,7 +11,8 @@ from collections import deque
 import pymemcache.serde
 from pymemcache.client.base import Client
 
-from bidder.featurestore import FeatureStore, UserFeatures, frequency_key, parse_servers, user_key
+from bidder.featurestore import (FeatureStore, UserFeatures, frequency_key, parse_servers,
+                                 pending_key, user_key)
 from bidder.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
 from models import world
@@ -205,3 +206,58 @@ def test_a_bug_raises_and_does_not_mark_the_server_down(memcached):
     assert store.last_error is None and not any(s.down_until for s in store.shards.values())
     assert store.lookup([user_key(world.user_id(3))], [], 1.0)[0].segments == \
         list(world.user_segments(3))
+
+
+def gets_served(address: str) -> int:
+    """memcached's count of keys asked by get commands (``stats``: cmd_get)."""
+    return int(Client(parse_servers(address)[0]).stats()[b"cmd_get"])
+
+
+def test_a_prefetch_answers_its_polls_lookups_in_one_round_trip(memcached):
+    """One poll's look-ups read at once: each lookup whose keys were all asked costs memcached
+    nothing more; a lookup outside them, or after forget_prefetched, reads memcached."""
+    seed_users(memcached.address, 20, progress=False)
+    store = store_for(memcached.address)
+    users = [user_key(world.user_id(n)) for n in range(3)]
+    counter = frequency_key("c1", users[0])
+    store.count_impression(counter, window_s=60)
+    before = gets_served(memcached.address)
+    store.prefetch(users + [counter], 1.0)
+    assert gets_served(memcached.address) == before + 4
+    for n, key in enumerate(users):
+        features, counters = store.lookup([key], [counter] if n == 0 else [], 1.0)
+        assert features.segments == list(world.user_segments(n))
+        assert counters == ({counter: 1} if n == 0 else {})
+    assert gets_served(memcached.address) == before + 4  # no further round trip
+    store.lookup([user_key(world.user_id(7))], [], 1.0)  # not prefetched: read
+    assert gets_served(memcached.address) == before + 5
+    store.forget_prefetched()
+    store.lookup([users[0]], [], 1.0)
+    assert gets_served(memcached.address) == before + 6
+
+
+def test_a_bid_in_flight_counts_for_the_rest_of_its_poll(memcached):
+    """reserve_pending during a prefetch keeps the prefetched count current (a second request
+    of the same user in the same poll sees the first one's bid) and writes memcached."""
+    store = store_for(memcached.address)
+    key = pending_key("c1", user_key("pending-in-poll"))
+    store.prefetch([user_key("pending-in-poll"), key], 1.0)
+    assert store.lookup([user_key("pending-in-poll")], [key], 1.0)[1] == {}
+    store.reserve_pending(key, 60, exists=False)
+    assert store.lookup([user_key("pending-in-poll")], [key], 1.0)[1] == {key: 1}
+    store.reserve_pending(key, 60, exists=True)
+    assert store.lookup([user_key("pending-in-poll")], [key], 1.0)[1] == {key: 2}
+    store.forget_prefetched()
+    assert store.lookup([user_key("pending-in-poll")], [key], 1.0)[1] == {key: 2}  # memcached's
+
+
+def test_a_prefetch_from_a_down_server_leaves_counts_unknown():
+    """A prefetch that cannot reach memcached reads nothing: the lookups it covers answer
+    default features and unknown counts, as a failed lookup does, without waiting again."""
+    store = FeatureStore(parse_servers("127.0.0.1:1"), 50.0, 50.0, 60_000.0)
+    key = frequency_key("c1", user_key("u"))
+    store.prefetch([user_key("u"), key], 1.0)
+    started = time.monotonic()
+    features, counters = store.lookup([user_key("u")], [key], 1.0)
+    assert features == UserFeatures() and counters is None
+    assert time.monotonic() - started < 0.01

@@ -1,6 +1,7 @@
 """Notices, budgets and frequency caps (nothing lost or counted twice); memcached faults."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -297,3 +298,39 @@ def test_bids_in_flight_for_one_user_pass_a_cap_by_at_most_the_workers_racing(st
         capped = [b for status, body in answers if status == 200 for b in bids_of(body)
                   if b["cid"] == "capped"]
         assert 1 <= len(capped) <= 2, (user, len(capped))  # cap + (workers - 1)
+
+
+def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_server,
+                                                                          memcached):
+    """Eight requests of one capped user (cap 1) reach a stopped worker together, so one poll
+    serves them all: their look-ups take one memcached round trip, and the first bid's
+    reservation counts for the rest of the poll, so exactly one of them bids."""
+    server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
+    body = json.dumps(site_request(country="FRA", user={"id": "poll-user"})).encode()
+    raw = (b"POST /openrtb2/bid HTTP/1.1\r\nHost: bidder\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+    assert server.bid(site_request(country="JPN"))[0] == 200  # all eight accepted meanwhile
+    before = re.search(r"^bidder_feature_store_round_trips_total (\S+)$", server.metrics(), re.M)
+    worker = server.worker_pids()[0]
+    for _ in range(100):  # idle in its poll (the last connection's close seen), then stopped
+        time.sleep(0.02)
+        with open(f"/proc/{worker}/wchan") as f:
+            if "poll" in f.read():
+                break
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for s in socks:
+            s.sendall(raw)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    answers = []
+    for s in socks:
+        response = http.client.HTTPResponse(s)
+        response.begin()
+        answers.append((response.status, response.getheader("X-Nobid-Reason"), response.read()))
+        s.close()
+    assert sorted(status for status, _, _ in answers) == [200] + [204] * 7, answers
+    assert {reason for status, reason, _ in answers if status == 204} == {"frequency_capped"}
+    after = re.search(r"^bidder_feature_store_round_trips_total (\S+)$", server.metrics(), re.M)
+    assert float(after[1]) - float(before[1]) == 1.0
