@@ -18,7 +18,7 @@ on the next request.
 """
 from __future__ import annotations
 
-import os
+import random
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
@@ -556,7 +556,7 @@ class Auction:
         floor_price = floor if floor_cur == currency else self.rates.from_usd(floor_usd, currency)
         # Deal.at 3: "the value passed in bidfloor is the agreed upon deal price"
         price = floor_price if fixed_price else max(price, floor_price)
-        bid_id = os.urandom(8).hex()
+        bid_id = f"{random.getrandbits(64):016x}"  # reseeded from os.urandom in each worker
         budgets = self.budgets
         if not budgets.reserve(int(camp[best]), bid_id, price, currency):
             return NoBid(budgets.reason(int(camp[best])))

@@ -97,6 +97,8 @@ class FastPath:
         self._names: set[str] = set()  # response header names already validated
         self._date_at = 0
         self._date = ""
+        self._nobids: dict[tuple[bool, bool, str], bytes] = {}  # of the second _nobids_date
+        self._nobids_date = ""
         # A logger that counts requests (statsd) sees every one, as on Gunicorn's path.
         self.log_access = log.access_log_enabled or type(log).access is not Logger.access
         self.log_debug = log.error_log.isEnabledFor(logging.DEBUG)
@@ -227,14 +229,22 @@ class FastPath:
 
     def nobid(self, request: Request, close: bool, reason: str) -> bytes:
         """A 204 no-bid answered without the app (``X-Nobid-Reason: reason``), headed as the bid
-        app heads its own, with the OpenRTB version exchanges read on every answer."""
-        head = (f"{'HTTP/1.0' if request.http10 else 'HTTP/1.1'} 204 No Content\r\nServer: "
-                f"{SERVER}\r\nDate: {self._http_date()}\r\nConnection: "
-                f"{'close' if close else 'keep-alive'}\r\nX-OpenRTB-Version: {OPENRTB_VERSION}"
-                f"\r\nX-Nobid-Reason: {reason}\r\n\r\n")
+        app heads its own, with the OpenRTB version exchanges read on every answer. The few
+        distinct ones are kept for the current second (an overloaded worker sends thousands)."""
+        date = self._http_date()
+        if date is not self._nobids_date:
+            self._nobids, self._nobids_date = {}, date
+        key = (request.http10, close, reason)
+        data = self._nobids.get(key)
+        if data is None:
+            data = self._nobids[key] = (
+                f"{'HTTP/1.0' if request.http10 else 'HTTP/1.1'} 204 No Content\r\nServer: "
+                f"{SERVER}\r\nDate: {date}\r\nConnection: {'close' if close else 'keep-alive'}"
+                f"\r\nX-OpenRTB-Version: {OPENRTB_VERSION}\r\nX-Nobid-Reason: {reason}\r\n\r\n"
+            ).encode("latin-1")
         if self.log_access:
             self.access(request.environ, "204 No Content", [("X-Nobid-Reason", reason)], 0, 0.0)
-        return head.encode("latin-1")
+        return data
 
     def _headers(self, app_headers: list) -> tuple[list[tuple[str, str]], int | None]:
         """The app's headers as Gunicorn sends them (hop-by-hop ones dropped, values stripped,

@@ -18,9 +18,11 @@ for _status in ("400", "408", "413"):  # at 0 from the start, for rate() and inc
 SHED = Counter("bidder_worker_nobids_total",
                "Bid requests the worker answered 204 (X-Nobid-Reason) without calling the app: "
                "deadline = taken up too late to answer within tmax less the safety margin, "
-               "counted from the kernel's receive time (an overloaded worker). Not in "
+               "counted from the kernel's receive time; overload = it would have waited past "
+               "half of that (an overloaded worker keeps its queue that short). Not in "
                "bidder_requests_total or bidder_nobids_total, which the app counts.", ["reason"])
 SHED.labels("deadline")
+SHED.labels("overload")
 WORKER_INFO = Gauge("bidder_worker_info",
                     "1 per live worker: its slot, pid, the CPUs it may run on and its slice.",
                     ["slot", "pid", "cpus", "slice_ns"], multiprocess_mode="liveall")

@@ -73,7 +73,7 @@ CLOSE_DRAIN_BYTES = 65536
 
 # How often a long poll's requests are interrupted to accept waiting connections; how many
 # one accept may take at once, and how far above its least-loaded sibling that may put it.
-ACCEPT_EVERY_S = 0.001
+ACCEPT_EVERY_S = 0.005
 ACCEPT_BURST = 64
 ACCEPT_SLACK = 16
 
@@ -105,6 +105,7 @@ class BalancedThreadWorker(ThreadWorker):
     _accept_at = 0.0  # when a long poll next looks for a waiting connection
     _service_s = 0.0  # moving average of the wall time per such request served
     _prefetch = None  # the app's prefetch(environs) context, if it has one (fast path)
+    _shed_counts: dict[str, int]  # fast path: quick no-bids of this poll, by reason
 
     @property  # type: ignore[override]
     def nr_conns(self) -> int:
@@ -179,11 +180,13 @@ class BalancedThreadWorker(ThreadWorker):
             self._closing = deque()
             self._scratch = bytearray(PEEK_BYTES)  # where a request's bytes are read to
             self._prefetch = getattr(self._app, "prefetch", None)
+            self._shed_counts = {}
             self._bound_by_deadline(settings)
 
     def _bound_by_deadline(self, settings) -> None:
         """Read which requests carry a deadline (``deadline_paths``) and the app's rule for it
-        (``default_tmax_ms``, ``safety_margin_ms``): none without all three settings."""
+        (``default_tmax_ms``, ``safety_margin_ms``): none without all three settings; and how
+        long such a request may wait to be taken up (``wait_share`` of that, default all)."""
         paths = [p.strip() for p in (getattr(settings, "deadline_paths", "") or "").split(",")
                  if p.strip()]
         tmax_ms = getattr(settings, "default_tmax_ms", None)
@@ -193,6 +196,7 @@ class BalancedThreadWorker(ThreadWorker):
         self._deadline_paths = tuple(b"POST " + p.encode() for p in paths)
         self._default_tmax_s = tmax_ms / 1000.0
         self._margin_s = margin_ms / 1000.0
+        self._wait_share = getattr(settings, "wait_share", 1.0)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         if enabled and not self._balancer.may_accept(self._conns):
@@ -475,35 +479,41 @@ class BalancedThreadWorker(ThreadWorker):
             peeked.append((self._ready_at if arrived is None else arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
-        # Plan the poll's requests in arrival order: one whose deadline will have passed by
-        # the time its turn comes (now, plus the app's time for each kept before it) is
-        # answered its no-bid at once, before any is served, so it waits for none of them.
+        # Plan the poll's requests in arrival order: one that could only start after its
+        # latest start (now, plus the app's time for each kept before it) is answered its
+        # no-bid at once, before any is served, so it waits for none of them.
         turn = time.monotonic()
         queue = []
         for arrived, conn, data in peeked:
             request = self._take(conn, data, arrived)
             if request is None:
                 continue  # on Gunicorn's path, or gone
-            deadline = None
+            limits = None
             if self._deadline_paths and data.startswith(self._deadline_paths):
-                deadline = self._deadline(request, arrived)
-                # the first of a poll is served unless past its deadline already: the estimate
-                # is only ever corrected by serving (a worker that was descheduled for a while
-                # must not go on shedding everything)
-                if turn + (self._service_s if queue else 0.0) >= deadline:
-                    self._answer(conn, request, deadline, late=True)
+                limits = self._limits(request, arrived)
+                # the first of a poll is judged on its own wait: the estimate is only ever
+                # corrected by serving (a worker that was descheduled for a while must not go
+                # on shedding everything)
+                shed = self._shed(limits, turn + (self._service_s if queue else 0.0))
+                if shed:
+                    self._answer(conn, request, shed)
                     continue
                 turn += self._service_s
-            queue.append((conn, request, deadline))
+            queue.append((conn, request, limits))
         started, served = time.monotonic(), 0
+        self._accept_at = started + ACCEPT_EVERY_S  # this poll saw the listener
         with self._prefetched(queue):
-            for n, (conn, request, deadline) in enumerate(queue):
-                late = deadline is not None and \
-                    time.monotonic() + (self._service_s if n else 0.0) >= deadline
-                self._answer(conn, request, deadline, late)
-                served += deadline is not None and not late
+            for n, (conn, request, limits) in enumerate(queue):
+                shed = limits and self._shed(
+                    limits, time.monotonic() + (self._service_s if n else 0.0))
+                self._answer(conn, request, shed)
+                served += limits is not None and not shed
                 if self._accepting and time.monotonic() >= self._accept_at:
                     self._accept_waiting()
+        if self._shed_counts:  # counted once a poll: a shed must cost as little as possible
+            for reason, count in self._shed_counts.items():
+                metrics.SHED.labels(reason).inc(count)
+            self._shed_counts = {}
         if served:  # wall time per request served, whatever else it took (preemption, GC)
             took = (time.monotonic() - started) / served
             self._service_s += (took - self._service_s) * SERVICE_WEIGHT
@@ -549,21 +559,34 @@ class BalancedThreadWorker(ThreadWorker):
         request.environ[READY_AT] = arrived
         return request
 
-    def _deadline(self, request: Request, arrived: float) -> float:
-        """When a request with a deadline must have been answered, as the app computes it: tmax
-        (read from the bytes, else the app's default) less the margin, from its arrival. A body
-        whose tmax cannot be read (gzip) gets none here (infinity): the app decides, shedding
-        it right after decoding if it is late."""
+    def _limits(self, request: Request, arrived: float) -> tuple[float, float]:
+        """(latest start, deadline) of a request with a deadline. The deadline is the app's:
+        tmax (read from the bytes, else the app's default) less the margin, from its arrival;
+        a body whose tmax cannot be read (gzip) gets none here (infinity): the app decides,
+        shedding it right after decoding if it is late. The latest start is ``wait_share`` of
+        the way there: an overloaded worker keeps its queue that short, so its answers come
+        well inside tmax and an exchange's connections turn over fast enough to carry its
+        requests (it would otherwise queue them on its side, for seconds)."""
         environ = request.environ
         if environ.get("HTTP_CONTENT_ENCODING", "identity").lower() != "identity":
-            return math.inf
+            return math.inf, math.inf
         tmax_ms = peek_tmax(environ["wsgi.input"].getvalue())
         tmax_s = tmax_ms / 1000.0 if tmax_ms else self._default_tmax_s
-        return arrived + tmax_s - min(self._margin_s, tmax_s / 2)
+        budget = tmax_s - min(self._margin_s, tmax_s / 2)
+        return arrived + budget * self._wait_share, arrived + budget
 
-    def _answer(self, conn, request: Request, deadline: float | None, late: bool) -> None:
-        """Call the app (or, ``late``, answer a deadline no-bid without it), send the answer,
-        keep or close the connection."""
+    @staticmethod
+    def _shed(limits: tuple[float, float], start: float) -> str:
+        """Why a request with ``limits`` starting at ``start`` gets a quick no-bid: "deadline"
+        (it could not be answered in time), "overload" (past its latest start); "" if none."""
+        start_by, deadline = limits
+        if start < start_by:
+            return ""
+        return "deadline" if start >= deadline else "overload"
+
+    def _answer(self, conn, request: Request, shed: str) -> None:
+        """Call the app (or, ``shed``, answer that no-bid without it), send the answer, keep
+        or close the connection."""
         close = request.close or not self.alive or not self.cfg.keepalive \
             or self._keepalive_full_now() or self._balancer.should_shed(self._conns)
         self.nr += 1
@@ -572,9 +595,9 @@ class BalancedThreadWorker(ThreadWorker):
                 self.log.info("Autorestarting worker after current request.")
                 self.alive = False
             close = True
-        if late:
-            metrics.SHED.labels("deadline").inc()
-            data = self._fast.nobid(request, close, "deadline")
+        if shed:
+            self._shed_counts[shed] = self._shed_counts.get(shed, 0) + 1
+            data = self._fast.nobid(request, close, shed)
         else:
             try:
                 data = self._fast.respond(request, conn.sock, close).data

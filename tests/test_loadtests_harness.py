@@ -4,12 +4,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from loadtests import capacity, openloop, stack
+from loadtests import capacity, openloop, rawload, stack, traffic
 
 BIDDER = [sys.executable, "-m", "bidder.cli"]
 
@@ -22,20 +24,64 @@ def hello(memcached, tmp_path_factory):
         yield server
 
 
-def test_open_loop_generator_sends_at_the_offered_rate(hello, tmp_path):
+@pytest.mark.parametrize("engine", ["gevent", "raw"])
+def test_open_loop_generator_sends_at_the_offered_rate(hello, tmp_path, engine):
     out = str(tmp_path / "gen.json")
-    argv = openloop.command(hello.url, 1.0, 200, 8, out, users=2000)
+    argv = openloop.command(hello.url, 1.0, 200, 8, out, users=2000, engine=engine)
     result = openloop.run_process(argv, out, 60)
     assert result["sent"] == 200 and result["ok"] == 200 and result["failed"] == 0
     assert 150 < result["achieved_rps"] <= 205
     assert 0 < result["latency"]["p50_ms"] <= result["latency"]["p99_ms"] < 1000
 
 
-def test_closed_loop_generator_reports_throughput(hello, tmp_path):
+@pytest.mark.parametrize("engine", ["gevent", "raw"])
+def test_closed_loop_generator_reports_throughput(hello, tmp_path, engine):
     out = str(tmp_path / "gen.json")
-    result = openloop.run_process(openloop.command(hello.url, 1.0, None, 4, out), out, 60)
+    result = openloop.run_process(openloop.command(hello.url, 1.0, None, 4, out, engine=engine),
+                                  out, 60)
     assert result["mode"] == "closed" and result["failed"] == 0
     assert result["ok"] > 100 and result["achieved_rps"] > 100
+
+
+@pytest.mark.parametrize("rate", [None, 50.0])
+def test_the_raw_engine_counts_what_a_silent_server_leaves_unanswered(rate):
+    """A server that accepts but never answers: every request sent is counted unanswered
+    (timeout, or not answered before the drain), none as answered, and the run ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        requests = traffic.generate(4)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        result = rawload.generate_load(url, requests, 0.5, rate, 2, timeout_s=0.3, drain_s=0.5)
+    finally:
+        stop.set()
+        thread.join()
+        for sock in held:
+            sock.close()
+        listener.close()
+    assert result.sent > 0 and result.ok == 0
+    assert sum(result.errors.values()) == result.sent, result.errors
+
+
+def test_the_raw_engine_reopens_connections_the_server_closes(hello, tmp_path):
+    """Every request asks for Connection: close, so the server closes each connection after
+    its answer: the engine reads the answer, opens another and loses nothing."""
+    requests = [traffic.BidRequest(r.body, {**r.headers, "Connection": "close"})
+                for r in traffic.generate(8)]
+    result = rawload.generate_load(hello.url, requests, 0.5, None, 2)
+    assert result.sent > 20 and result.failed == 0 and not result.errors, result.errors
 
 
 def _locust(url: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:

@@ -59,9 +59,30 @@ def test_late_requests_get_a_deadline_nobid_in_arrival_order(server):
     # get the worker's no-bid
     assert 1 <= served <= 6 and statuses == [200] * served + [204] * (12 - served), statuses
     for status, headers, _ in answers[served:]:
-        assert headers["x-nobid-reason"] == "deadline" and headers["x-openrtb-version"] == "2.6"
+        # past its latest start (--wait-share 0.85 of the 90 ms) or past its deadline
+        assert headers["x-nobid-reason"] in ("overload", "deadline")
+        assert headers["x-openrtb-version"] == "2.6"
     # nobody waits past tmax (generously: this machine is shared)
     assert max(latency for _, _, latency in answers) < TMAX_MS / 1000 + 0.15, answers
+
+
+def test_a_lower_wait_share_answers_the_surplus_sooner(tmp_path):
+    """--wait-share 0.3: a request may wait 27 ms of its 90 before it is taken up, so the
+    first of the poll (waiting about 20 ms) is served and the rest, which would start 20 ms
+    later each, get the worker's overload no-bid at once, long before their deadline."""
+    srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
+                        "--deadline-paths", "/bid", "--wait-share", "0.3")
+    try:
+        burst(srv, 12)
+        answers = burst(srv, 12)
+    finally:
+        srv.stop()
+    statuses = [status for status, _, _ in answers]
+    served = statuses.count(200)
+    assert 1 <= served <= 2 and statuses == [200] * served + [204] * (12 - served), statuses
+    assert {headers["x-nobid-reason"] for _, headers, _ in answers[served:]} == {"overload"}
+    # answered when the poll is planned, before the served one's 20 ms (generously: shared box)
+    assert max(latency for _, _, latency in answers[served:]) < 0.06, answers
 
 
 def test_other_paths_are_not_shed(server):
