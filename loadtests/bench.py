@@ -10,7 +10,11 @@ worker CPU per request of, interleaved in random order each rep:
   path, nothing of ours (what a team would start from);
 - ``loadtests.hello_app`` through the very same ``bidder serve`` (``--app``), so
   worker class, workers, keep-alive and pinning are identical: the cost of the
-  bid logic alone.
+  bid logic alone;
+- the bidder again with ``--baseline`` options added (default ``--no-fast-path``:
+  every request through Gunicorn's own parser, as before the worker had its own
+  path, so none of the poll's look-ups are read together either): what the
+  worker path saves per bid request, measured in the same run.
 
 Then a short capacity search finds the bidder's highest open-loop rate with p99
 under the SLA. ``--overload`` instead drives the bidder past its capacity
@@ -42,6 +46,7 @@ HELLO_APP = "loadtests.hello_app:app"
 STOCK = {"stock-gthread": "gthread", "stock-sync": "sync"}  # run name -> gunicorn -k
 TARGET_RATIO = 0.6  # bidder / hello-world on the same server configuration
 STOCK_TARGET_RATIO = 1.0  # bidder / hello-world on stock Gunicorn
+BASELINE_TARGET = -0.30  # bidder's worker CPU per request against the baseline's
 SATURATED = 0.9  # generator CPU share of one core above which it is the bottleneck
 CAPACITY_STEP_S, CAPACITY_WARMUP_S = 3.0, 1.0  # each step of the capacity search
 
@@ -57,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Closed-loop runs per app (interleaved).")
     parser.add_argument("--serve", default="",
                         help="bidder serve options, the same for the bidder and hello-world.")
+    parser.add_argument("--baseline", default="--no-fast-path",
+                        help="bidder serve options added to --serve for a second bidder run "
+                             "(the 'before' of the CPU per request; 'none': no such run).")
     parser.add_argument("--stock", default="gthread,sync",
                         help="Stock Gunicorn worker classes to compare with, comma-separated "
                              "('none': only the same-configuration comparison).")
@@ -137,10 +145,15 @@ def run(args: argparse.Namespace) -> int:
         placement.confine_helper(memcached.process.pid)
         stack.log(f"embedded memcached on {memcached.address}; seeding {args.users} users")
         stack.seed_users(memcached.address, args.users)
-        for app in interleaved_order(stock + ["hello", "bidder"], args.reps, args.seed):
+        baseline = [] if args.baseline.strip().lower() == "none" else ["baseline"]
+        for app in interleaved_order(stock + ["hello", "bidder"] + baseline, args.reps,
+                                     args.seed):
             if app in STOCK:
                 server: stack.Server = StockGunicorn(STOCK[app], workers, logs,
                                                      placement.server_cpus)
+            elif app == "baseline":
+                server = stack.Server(serve_args + shlex.split(args.baseline), memcached.address,
+                                      logs, cpus=placement.server_cpus)
             else:
                 server = stack.Server(serve_args, memcached.address, logs,
                                       cpus=placement.server_cpus,
@@ -224,8 +237,15 @@ def summarise(runs: list[dict[str, Any]], cap: capacity.Capacity | None,
         notes.append(f"not every server ran {workers} workers: "
                      + ", ".join(sorted({f"{r['app']} {r['workers']}" for r in runs})))
     same = versus("hello", TARGET_RATIO)
+    before = None
+    if "baseline" in apps:
+        change = cpu["bidder"] / cpu["baseline"] - 1 if cpu["baseline"] else float("nan")
+        before = {"serve": args.baseline, "rps": rps["baseline"],
+                  "cpu_us_per_request": cpu["baseline"], "cpu_change": change,
+                  "target_change": BASELINE_TARGET, "met": change <= BASELINE_TARGET}
     return {
         "stock": {STOCK[app]: versus(app, STOCK_TARGET_RATIO) for app in names if app in STOCK},
+        "baseline": before,
         "hello_rps": rps["hello"], "bidder_rps": rps["bidder"], "ratio": same["ratio"],
         "hello_cpu_us_per_request": cpu["hello"], "bidder_cpu_us_per_request": cpu["bidder"],
         "cpu_ratio": same["cpu_ratio"], "target_ratio": TARGET_RATIO,
@@ -245,6 +265,12 @@ def format_summary(doc: dict[str, Any]) -> str:
              f"{doc['duration_s']:g} s closed loop x {doc['reps']} each",
              f"  {'':34} {'requests/s':>10} {'':17} {'worker CPU/request':>18}",
              _row("bidder", "bidder", doc["bidder_rps"], doc["bidder_cpu_us_per_request"], doc)]
+    before = doc.get("baseline")
+    if before:
+        lines += [_row("baseline", f"bidder {before['serve']}", before["rps"],
+                       before["cpu_us_per_request"], doc),
+                  f"    bidder's CPU per request against it: {before['cpu_change']:+.0%} (target "
+                  f"<= {before['target_change']:+.0%}: {'met' if before['met'] else 'NOT met'})"]
     if doc["stock"]:
         lines.append("  against hello-world Falcon on stock Gunicorn (its own HTTP path, as many "
                      "workers):")

@@ -172,7 +172,13 @@ def test_bench_prints_the_ratios_to_stock_gunicorn_and_to_the_same_server(tmp_pa
     assert stock["cpu_us_per_request"] > 0
     # stock Gunicorn ran as many workers as the bidder, with its own worker class
     assert {r["app"]: r["workers"] for r in doc["runs"]} == {
-        "stock-gthread": 2, "hello": 2, "bidder": 2}
+        "stock-gthread": 2, "hello": 2, "bidder": 2, "baseline": 2}
+    # the 'before' in the same run: the bidder on Gunicorn's path (--no-fast-path)
+    before = doc["baseline"]
+    assert before["serve"] == "--no-fast-path" and before["cpu_us_per_request"] > 0
+    assert before["cpu_change"] == pytest.approx(
+        doc["bidder_cpu_us_per_request"] / before["cpu_us_per_request"] - 1)
+    assert "bidder --no-fast-path" in proc.stdout
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "gunicorn -k gthread" in proc.stdout
 
