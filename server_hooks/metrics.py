@@ -18,8 +18,9 @@ for _status in ("400", "408", "413"):  # at 0 from the start, for rate() and inc
 SHED = Counter("bidder_worker_nobids_total",
                "Bid requests the worker answered 204 (X-Nobid-Reason) without calling the app: "
                "deadline = taken up too late to answer within tmax less the safety margin, "
-               "counted from the kernel's receive time; overload = it would have waited past "
-               "half of that (an overloaded worker keeps its queue that short). Not in "
+               "counted from the kernel's receive time; overload = past its share of the poll's "
+               "serving time (--wait-share: an overloaded worker answers the rest of a poll at "
+               "once). Not in "
                "bidder_requests_total or bidder_nobids_total, which the app counts.", ["reason"])
 SHED.labels("deadline")
 SHED.labels("overload")

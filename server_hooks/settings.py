@@ -100,14 +100,14 @@ SETTINGS: tuple[Setting, ...] = (
             "less --safety-margin-ms of its kernel receive time is answered 204 "
             "(X-Nobid-Reason: deadline) by the worker, before its JSON is decoded. Empty: none.",
             metavar="PREFIX,..."),
-    Setting("wait_share", "--wait-share", 0.85,
-            "How far towards its deadline (tmax less the margin, from its kernel receive time) a "
-            "request on --deadline-paths may wait in an overloaded worker before it is taken "
-            "up; past that it gets a quick 204 (X-Nobid-Reason: overload). Lower answers faster "
-            "under overload, which an exchange with a fixed pool of connections needs to carry "
-            "its requests; higher bids more when every answer is followed at once by the next "
-            "request. 1: only requests that would miss their deadline. docs/tuning.md "
-            "(Overload) gives the measurements behind the default.",
+    Setting("wait_share", "--wait-share", 0.3,
+            "Share of a request's time to its deadline (tmax less the margin) that an "
+            "overloaded worker spends serving one poll's requests on --deadline-paths, oldest "
+            "first; the rest of the poll gets a quick 204 (X-Nobid-Reason: overload). Lower "
+            "answers sooner and more often under overload, which an exchange with a fixed pool "
+            "of connections needs to carry its requests; higher bids more when every answer is "
+            "followed at once by the next request. 1: only requests that would miss their "
+            "deadline. docs/tuning.md (Overload) gives the measurements behind the default.",
             type=number(float, 0.0, exclusive=True, maximum=1.0)),
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.",

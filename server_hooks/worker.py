@@ -479,10 +479,11 @@ class BalancedThreadWorker(ThreadWorker):
             peeked.append((self._ready_at if arrived is None else arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
-        # Plan the poll's requests in arrival order: one that could only start after its
-        # latest start (now, plus the app's time for each kept before it) is answered its
-        # no-bid at once, before any is served, so it waits for none of them.
-        turn = time.monotonic()
+        # Plan the poll's requests in arrival order: one that could only start past its
+        # deadline, or past its share of this poll's serving time (now, plus the app's time
+        # for each kept before it), is answered its no-bid at once, before any is served, so
+        # it waits for none of them.
+        planned_at = turn = time.monotonic()
         queue = []
         for arrived, conn, data in peeked:
             request = self._take(conn, data, arrived)
@@ -494,18 +495,19 @@ class BalancedThreadWorker(ThreadWorker):
                 # the first of a poll is judged on its own wait: the estimate is only ever
                 # corrected by serving (a worker that was descheduled for a while must not go
                 # on shedding everything)
-                shed = self._shed(limits, turn + (self._service_s if queue else 0.0))
+                shed = self._shed(limits, turn + (self._service_s if queue else 0.0),
+                                  planned_at)
                 if shed:
                     self._answer(conn, request, shed)
                     continue
                 turn += self._service_s
             queue.append((conn, request, limits))
-        started, served = time.monotonic(), 0
-        self._accept_at = started + ACCEPT_EVERY_S  # this poll saw the listener
+        served, serving_from = 0, time.monotonic()
+        self._accept_at = serving_from + ACCEPT_EVERY_S  # this poll saw the listener
         with self._prefetched(queue):
             for n, (conn, request, limits) in enumerate(queue):
                 shed = limits and self._shed(
-                    limits, time.monotonic() + (self._service_s if n else 0.0))
+                    limits, time.monotonic() + (self._service_s if n else 0.0), planned_at)
                 self._answer(conn, request, shed)
                 served += limits is not None and not shed
                 if self._accepting and time.monotonic() >= self._accept_at:
@@ -515,7 +517,7 @@ class BalancedThreadWorker(ThreadWorker):
                 metrics.SHED.labels(reason).inc(count)
             self._shed_counts = {}
         if served:  # wall time per request served, whatever else it took (preemption, GC)
-            took = (time.monotonic() - started) / served
+            took = (time.monotonic() - serving_from) / served
             self._service_s += (took - self._service_s) * SERVICE_WEIGHT
 
     def _prefetched(self, queue: list) -> AbstractContextManager:
@@ -560,29 +562,32 @@ class BalancedThreadWorker(ThreadWorker):
         return request
 
     def _limits(self, request: Request, arrived: float) -> tuple[float, float]:
-        """(latest start, deadline) of a request with a deadline. The deadline is the app's:
-        tmax (read from the bytes, else the app's default) less the margin, from its arrival;
-        a body whose tmax cannot be read (gzip) gets none here (infinity): the app decides,
-        shedding it right after decoding if it is late. The latest start is ``wait_share`` of
-        the way there: an overloaded worker keeps its queue that short, so its answers come
-        well inside tmax and an exchange's connections turn over fast enough to carry its
-        requests (it would otherwise queue them on its side, for seconds)."""
+        """(share of a poll's serving time, deadline) of a request with a deadline. The
+        deadline is the app's: tmax (read from the bytes, else the app's default) less the
+        margin, from its arrival; a body whose tmax cannot be read (gzip) gets none here
+        (infinity): the app decides, shedding it right after decoding if it is late. The
+        share is ``wait_share`` of the time from arrival to deadline: an overloaded worker
+        serves each poll's requests for at most that long and answers the rest a quick
+        no-bid, so its answers come well inside tmax (a served request waited for at most
+        the previous poll and this one's share) and an exchange's connections turn over fast
+        enough to carry its requests (it would otherwise queue them on its side)."""
         environ = request.environ
         if environ.get("HTTP_CONTENT_ENCODING", "identity").lower() != "identity":
             return math.inf, math.inf
         tmax_ms = peek_tmax(environ["wsgi.input"].getvalue())
         tmax_s = tmax_ms / 1000.0 if tmax_ms else self._default_tmax_s
         budget = tmax_s - min(self._margin_s, tmax_s / 2)
-        return arrived + budget * self._wait_share, arrived + budget
+        return budget * self._wait_share, arrived + budget
 
     @staticmethod
-    def _shed(limits: tuple[float, float], start: float) -> str:
-        """Why a request with ``limits`` starting at ``start`` gets a quick no-bid: "deadline"
-        (it could not be answered in time), "overload" (past its latest start); "" if none."""
-        start_by, deadline = limits
-        if start < start_by:
-            return ""
-        return "deadline" if start >= deadline else "overload"
+    def _shed(limits: tuple[float, float], start: float, planned_at: float) -> str:
+        """Why a request with ``limits`` starting at ``start``, in a poll planned at
+        ``planned_at``, gets a quick no-bid: "deadline" (it could not be answered in time),
+        "overload" (past its share of the poll's serving time); "" if none."""
+        share, deadline = limits
+        if start >= deadline:
+            return "deadline"
+        return "overload" if start - planned_at >= share else ""
 
     def _answer(self, conn, request: Request, shed: str) -> None:
         """Call the app (or, ``shed``, answer that no-bid without it), send the answer, keep

@@ -59,7 +59,7 @@ def test_late_requests_get_a_deadline_nobid_in_arrival_order(server):
     # get the worker's no-bid
     assert 1 <= served <= 6 and statuses == [200] * served + [204] * (12 - served), statuses
     for status, headers, _ in answers[served:]:
-        # past its latest start (--wait-share 0.85 of the 90 ms) or past its deadline
+        # past its share of the poll (--wait-share 0.3 of the 90 ms) or past its deadline
         assert headers["x-nobid-reason"] in ("overload", "deadline")
         assert headers["x-openrtb-version"] == "2.6"
     # nobody waits past tmax (generously: this machine is shared)
@@ -67,11 +67,11 @@ def test_late_requests_get_a_deadline_nobid_in_arrival_order(server):
 
 
 def test_a_lower_wait_share_answers_the_surplus_sooner(tmp_path):
-    """--wait-share 0.3: a request may wait 27 ms of its 90 before it is taken up, so the
-    first of the poll (waiting about 20 ms) is served and the rest, which would start 20 ms
-    later each, get the worker's overload no-bid at once, long before their deadline."""
+    """--wait-share 0.1: the worker serves a poll for 9 ms of the requests' 90, so the first
+    of the poll is served and the rest, which would start 20 ms later each, get the worker's
+    overload no-bid at once, long before their deadline."""
     srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
-                        "--deadline-paths", "/bid", "--wait-share", "0.3")
+                        "--deadline-paths", "/bid", "--wait-share", "0.1")
     try:
         burst(srv, 12)
         answers = burst(srv, 12)
