@@ -306,14 +306,25 @@ def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_s
     serves them all: their look-ups take one memcached round trip, and the first bid's
     reservation counts for the rest of the poll, so exactly one of them bids."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
-    body = json.dumps(site_request(country="FRA", user={"id": "poll-user"})).encode()
-    raw = (b"POST /openrtb2/bid HTTP/1.1\r\nHost: bidder\r\nContent-Type: application/json\r\n"
-           b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
-    assert server.bid(site_request(country="JPN"))[0] == 200  # all eight accepted meanwhile
+
+    def post(payload: dict) -> bytes:
+        body = json.dumps(payload).encode()
+        return (b"POST /openrtb2/bid HTTP/1.1\r\nHost: bidder\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    def answer(sock: socket.socket) -> tuple[int, str | None]:
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        response.read()
+        return response.status, response.getheader("X-Nobid-Reason")
+
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+    for n, s in enumerate(socks):  # each connection accepted and kept alive by the worker
+        s.sendall(post(site_request(country="JPN", user={"id": f"warm-{n}"})))
+        assert answer(s)[0] == 200
     before = re.search(r"^bidder_feature_store_round_trips_total (\S+)$", server.metrics(), re.M)
     worker = server.worker_pids()[0]
-    for _ in range(100):  # idle in its poll (the last connection's close seen), then stopped
+    for _ in range(100):  # idle in its poll, then stopped
         time.sleep(0.02)
         with open(f"/proc/{worker}/wchan") as f:
             if "poll" in f.read():
@@ -321,16 +332,13 @@ def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_s
     os.kill(worker, signal.SIGSTOP)
     try:
         for s in socks:
-            s.sendall(raw)
+            s.sendall(post(site_request(country="FRA", user={"id": "poll-user"})))
     finally:
         os.kill(worker, signal.SIGCONT)
-    answers = []
+    answers = [answer(s) for s in socks]
     for s in socks:
-        response = http.client.HTTPResponse(s)
-        response.begin()
-        answers.append((response.status, response.getheader("X-Nobid-Reason"), response.read()))
         s.close()
-    assert sorted(status for status, _, _ in answers) == [200] + [204] * 7, answers
-    assert {reason for status, reason, _ in answers if status == 204} == {"frequency_capped"}
+    assert sorted(status for status, _ in answers) == [200] + [204] * 7, answers
+    assert {reason for status, reason in answers if status == 204} == {"frequency_capped"}
     after = re.search(r"^bidder_feature_store_round_trips_total (\S+)$", server.metrics(), re.M)
     assert float(after[1]) - float(before[1]) == 1.0

@@ -1,0 +1,129 @@
+"""``python -m loadtests.parserbench``: the fast path's request parser against httptools.
+
+The worker's fast path (``server_hooks.fastpath``) parses a request's head with a regular
+expression and ``bytes.split`` into the WSGI environ. Issue 11 asked for httptools (the C
+parser of the uvicorn stack) unless a small parser of our own measures the same. This
+measures both on the bench's own bid requests, each turning the bytes into the same environ
+(httptools through its callbacks, as uvicorn drives it), in one process on one CPU: the
+minimum over ``--reps`` rounds of microseconds per request. httptools is not a dependency:
+``pip install httptools`` to run it.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+
+from gunicorn.config import Config
+from gunicorn.glogging import Logger
+
+from loadtests import traffic
+from server_hooks.fastpath import FastPath
+
+CLIENT, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 8080)
+
+
+def wire_requests(n: int) -> list[bytes]:
+    """``n`` bid requests of the bench's traffic as an exchange sends them."""
+    out = []
+    for req in traffic.generate(n):
+        head = ["POST /openrtb2/bid HTTP/1.1", "Host: bidder.example.com",
+                "User-Agent: exchange/1.0"]
+        head += [f"{k}: {v}" for k, v in req.headers.items()]
+        head.append(f"Content-Length: {len(req.body)}")
+        out.append(("\r\n".join(head) + "\r\n\r\n").encode() + req.body)
+    return out
+
+
+class HttptoolsParser:
+    """httptools' callbacks into the environ FastPath.parse gives (the keys the app reads)."""
+
+    def __init__(self, fast: FastPath) -> None:
+        import httptools
+        self.base = fast.base
+        self.parser = httptools.HttpRequestParser(self)
+        self.parse_url = httptools.parse_url
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def parse(self, data: bytes) -> dict:
+        self.url, self.headers, self.body, self.done = b"", [], [], False
+        self.parser.feed_data(data)
+        environ = self.base.copy()
+        for name, value in self.headers:
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            environ[key] = value.decode("latin-1")
+        url = self.parse_url(self.url)
+        environ["wsgi.input"] = io.BytesIO(b"".join(self.body))
+        environ["REQUEST_METHOD"] = self.parser.get_method().decode()
+        environ["PATH_INFO"] = url.path.decode()
+        environ["QUERY_STRING"] = (url.query or b"").decode()
+        environ["RAW_URI"] = self.url.decode()
+        environ["SERVER_PROTOCOL"] = "HTTP/" + self.parser.get_http_version()
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = CLIENT[0], str(CLIENT[1])
+        environ["SERVER_NAME"], environ["SERVER_PORT"] = SERVER[0], str(SERVER[1])
+        environ["keep_alive"] = self.parser.should_keep_alive()
+        return environ
+
+
+def measure(parse, requests: list[bytes], reps: int) -> float:
+    """Least microseconds of CPU per request over ``reps`` rounds of all ``requests``."""
+    best = float("inf")
+    for _ in range(reps):
+        start = time.process_time()
+        for data in requests:
+            parse(data)
+        best = min(best, (time.process_time() - start) / len(requests) * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.parserbench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=4096, help="Distinct bid requests.")
+    parser.add_argument("--reps", type=int, default=7, help="Rounds; the least is reported.")
+    args = parser.parse_args(argv)
+    cfg = Config()
+    fast = FastPath(cfg, lambda environ, start: [], Logger(cfg), 1 << 20)
+    requests = wire_requests(args.requests)
+    if any(fast.parse(data, CLIENT, SERVER) is None for data in requests):
+        print("a request did not take the fast path: the comparison would be void",
+              file=sys.stderr)
+        return 1
+    ours = measure(lambda data: fast.parse(data, CLIENT, SERVER), requests, args.reps)
+    try:
+        theirs = HttptoolsParser(fast)
+    except ImportError:
+        print(f"fast path parser: {ours:.1f} us per request; httptools is not installed "
+              "(pip install httptools) to compare", file=sys.stderr)
+        return 2
+    # the same environ from both, or the comparison is void
+    for data in requests[:50]:
+        a, b = fast.parse(data, CLIENT, SERVER).environ, theirs.parse(data)
+        for key in a:
+            if key != "wsgi.input" and key in b:
+                assert a[key] == b[key], (key, a[key], b[key])
+        assert a["wsgi.input"].getvalue() == b["wsgi.input"].getvalue()
+    other = measure(theirs.parse, requests, args.reps)
+    print(f"head + body into the WSGI environ, {args.requests} bid requests, least of "
+          f"{args.reps} rounds:\n  fast path parser  {ours:6.1f} us per request\n"
+          f"  httptools         {other:6.1f} us per request\n  ratio ours/httptools "
+          f"{ours / other:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
