@@ -213,3 +213,17 @@ def test_notices_answer_alike(servers):
         answers.append(got)
     assert answers[0] == answers[1] and len(answers[0]) == 20
     assert {a[0] for a in answers[0]} == {200, 400}
+
+
+def test_the_parser_bench_compares_on_requests_the_fast_path_takes(capsys):
+    """``python -m server_hooks.parserbench``: every request of its corpus takes the fast
+    path (else the comparison is refused), and it compares with httptools when installed."""
+    import importlib.util
+
+    from server_hooks import parserbench
+    code = parserbench.main(["--requests", "200", "--reps", "1"])
+    out = capsys.readouterr()
+    if importlib.util.find_spec("httptools"):
+        assert code == 0 and "ratio ours/httptools" in out.out, out
+    else:
+        assert code == 2 and "httptools is not installed" in out.err, out
