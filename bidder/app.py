@@ -498,7 +498,11 @@ class BidderApp(falcon.App):
                 keys.update(dict.fromkeys(early.prepared.counter_keys))
                 earliest = min(earliest, early.deadline)
         if keys:
-            store.prefetch(list(keys), earliest - time.monotonic())
+            try:
+                store.prefetch(list(keys), earliest - time.monotonic())
+            except Exception:  # a bug: each turn then reads its own, as without a prefetch
+                faults.error("prefetch", "reading a poll's look-ups at once failed; each "
+                             "request reads its own", exc_info=True)
         try:
             yield
         finally:

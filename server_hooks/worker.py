@@ -185,8 +185,8 @@ class BalancedThreadWorker(ThreadWorker):
 
     def _bound_by_deadline(self, settings) -> None:
         """Read which requests carry a deadline (``deadline_paths``) and the app's rule for it
-        (``default_tmax_ms``, ``safety_margin_ms``): none without all three settings; and how
-        long such a request may wait to be taken up (``wait_share`` of that, default all)."""
+        (``default_tmax_ms``, ``safety_margin_ms``): none without all three settings; and the
+        share of the time to that deadline a poll may spend serving them (``wait_share``)."""
         paths = [p.strip() for p in (getattr(settings, "deadline_paths", "") or "").split(",")
                  if p.strip()]
         tmax_ms = getattr(settings, "default_tmax_ms", None)
@@ -492,9 +492,9 @@ class BalancedThreadWorker(ThreadWorker):
             limits = None
             if self._deadline_paths and data.startswith(self._deadline_paths):
                 limits = self._limits(request, arrived)
-                # the first of a poll is judged on its own wait: the estimate is only ever
-                # corrected by serving (a worker that was descheduled for a while must not go
-                # on shedding everything)
+                # the first of a poll is served unless past its deadline already: the estimate
+                # is only ever corrected by serving (a worker that was descheduled for a while
+                # must not go on shedding everything)
                 shed = self._shed(limits, turn + (self._service_s if queue else 0.0),
                                   planned_at)
                 if shed:
@@ -506,8 +506,8 @@ class BalancedThreadWorker(ThreadWorker):
         self._accept_at = serving_from + ACCEPT_EVERY_S  # this poll saw the listener
         with self._prefetched(queue):
             for n, (conn, request, limits) in enumerate(queue):
-                shed = limits and self._shed(
-                    limits, time.monotonic() + (self._service_s if n else 0.0), planned_at)
+                shed = self._shed(limits, time.monotonic() + (self._service_s if n else 0.0),
+                                  planned_at) if limits else ""
                 self._answer(conn, request, shed)
                 served += limits is not None and not shed
                 if self._accepting and time.monotonic() >= self._accept_at:

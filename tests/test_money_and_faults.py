@@ -305,7 +305,8 @@ def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_s
     """Eight requests of one capped user (cap 1) reach a stopped worker together, so one poll
     serves them all: their look-ups take one memcached round trip, and the first bid's
     reservation counts for the rest of the poll, so exactly one of them bids."""
-    server = start_server("--campaigns", CATALOG, "--workers", "1", memcached=memcached.address)
+    server = start_server("--campaigns", CATALOG, "--workers", "1", "--fast-path",
+                          memcached=memcached.address)  # the prefetch is the fast path's
 
     def post(payload: dict) -> bytes:
         body = json.dumps(payload).encode()

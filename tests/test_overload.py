@@ -20,7 +20,8 @@ TMAX_MS = 100  # less the 10 ms margin: 90 ms, three or four 20 ms requests afte
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = launch_server(tmp_path_factory.mktemp("overload"), "--workers", "1",
-                        "--app", "tests.apps.slow_echo:app", "--deadline-paths", "/bid")
+                        "--app", "tests.apps.slow_echo:app", "--deadline-paths", "/bid",
+                        "--fast-path")  # the worker's no-bids are the fast path's
     yield srv
     srv.stop()
 
@@ -71,7 +72,7 @@ def test_a_lower_wait_share_answers_the_surplus_sooner(tmp_path):
     of the poll is served and the rest, which would start 20 ms later each, get the worker's
     overload no-bid at once, long before their deadline."""
     srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
-                        "--deadline-paths", "/bid", "--wait-share", "0.1")
+                        "--deadline-paths", "/bid", "--wait-share", "0.1", "--fast-path")
     try:
         burst(srv, 12)
         answers = burst(srv, 12)
