@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,22 +28,31 @@ def server(tmp_path_factory):
 
 
 def burst(server, count: int) -> list[tuple[int, dict, float]]:
-    """One POST on each of ``count`` connections, sent 0.5 ms apart while the worker serves
-    another (so that one poll finds them all); the answers in send order, with latencies."""
+    """One POST on each of ``count`` connections, sent back to back once the worker is in the
+    app's 20 ms for another (so that one poll finds them all); the answers in send order,
+    with latencies."""
     body = json.dumps({"id": "x", "tmax": TMAX_MS}).encode()
-    request = (b"POST /bid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def post(target: str) -> bytes:
+        return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (target.encode(), len(body), body))
+
+    started = Path(server.workdir) / f"started-{time.monotonic_ns()}"
     socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
              for _ in range(count + 1)]
     try:
-        sent = []
-        for sock in socks:
-            sock.sendall(request)
-            sent.append(time.monotonic())
+        socks[0].sendall(post(f"/bid?started={started}"))
+        give_up = time.monotonic() + 10
+        while not started.exists():  # the worker is in the app: the others queue behind it
+            assert time.monotonic() < give_up, "the worker never took the first request up"
             time.sleep(0.0005)
-        read_answer(socks[0].makefile("rb"))  # the one being served while the others came
+        sent = []
+        for sock in socks[1:]:
+            sock.sendall(post("/bid"))
+            sent.append(time.monotonic())
+        read_answer(socks[0].makefile("rb"))
         answers = []
-        for sock, at in zip(socks[1:], sent[1:]):
+        for sock, at in zip(socks[1:], sent):
             status, headers, _ = read_answer(sock.makefile("rb"))
             answers.append((status, headers, time.monotonic() - at))
         return answers
