@@ -12,9 +12,10 @@ Master
   4. ``pre_fork``, before each worker: its slot and the shared connection board; the last
      good model, so a respawned worker serves what its siblings serve.
 Worker
-  5. ``post_fork``: its slot on its log lines, pinned to its slot's CPU, its slice set,
-     where it runs published; then the app's per-process state: a metrics tally, memcached
-     clients and ledger connections of its own, a thread that watches the model file.
+  5. ``post_fork``: its slot on its log lines, pinned to its slot's CPU (``--pin``) or kept
+     off the reserved ones, its slice set, where it runs published; then the app's
+     per-process state: a metrics tally, memcached clients and ledger connections of its
+     own, a thread that watches the model file.
 Master
   6. ``child_exit``: the slot is freed for the replacement, the worker's gauges dropped.
   7. ``on_reload`` (SIGHUP, before the new workers fork): the model is re-read.

@@ -63,10 +63,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_class", "--worker-class", "server_hooks.worker.BalancedThreadWorker",
             "Gunicorn worker class. The default is a gthread worker that keeps HTTP/1.1 "
             "connections alive and accepts only while it holds no more connections than its "
-            "least-loaded sibling, so connections spread evenly over pinned workers. "
+            "least-loaded sibling, so connections spread evenly over the workers. "
             "'gthread' and 'sync' (closes every connection) are there for comparison."),
     Setting("threads", "--threads", 1, "Request threads per worker. The bid path is CPU-bound "
-            "and holds the GIL, so 1 keeps one request per pinned core; keep-alive connections "
+            "and holds the GIL, so 1 keeps one request per worker and core; keep-alive connections "
             "wait in the worker's poller, not in a thread.", type=number(int, 1)),
     _HOOKS["offload_paths"],
     _HOOKS["fast_path"],

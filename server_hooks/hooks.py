@@ -59,8 +59,12 @@ def when_ready(server) -> None:
         server.log.info("pinning on: slot i -> CPU %s[i %% %d]", list(_plan.order),
                         len(_plan.order))
     else:
-        server.log.info("pinning off: workers keep CPUs %s",
-                        format_cpulist(os.sched_getaffinity(0)))
+        server.log.info("pinning off: workers run on CPUs %s",
+                        format_cpulist(set(_plan.order) if settings.reserve_cpus
+                                       else os.sched_getaffinity(0)))
+        if settings.cpu_map:
+            server.log.warning("pinning: --cpu-map is used with --pin only; workers are not "
+                               "pinned (add --pin)")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # one descriptor per keep-alive connection: use all the host allows
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -82,8 +86,9 @@ def pre_fork(server, worker) -> None:
 def post_fork(server, worker) -> None:
     """Worker, just after fork: pin, set the slice, say where it runs."""
     settings = _settings(server)
-    if settings.pin:
-        warning = pin(_plan.cpu_for(worker.slot))
+    if settings.pin or settings.reserve_cpus:
+        # unpinned, a worker still keeps off the reserved CPUs: it may run on any of the rest
+        warning = pin(_plan.cpu_for(worker.slot) if settings.pin else _plan.order)
         if warning:
             server.log.warning("worker slot=%s: %s", worker.slot, warning)
     if settings.slice_ms:

@@ -124,16 +124,19 @@ def plan_cpus(allowed: Iterable[int], topology: Topology, reserve: str | Iterabl
     return CpuPlan(tuple(spread_order(usable, topology)), warnings)
 
 
-def pin(cpu: int) -> str | None:
-    """Pin the calling process to ``cpu``; the warning to log if the kernel refused, else None.
+def pin(cpus: int | Iterable[int]) -> str | None:
+    """Pin the calling process to ``cpus`` (one CPU, or a set the kernel may move it within);
+    the warning to log if the kernel refused, else None.
 
     A refusal (CPU offline, outside a cpuset changed after start, seccomp) must
     not stop the worker: it keeps serving on the CPUs it had.
     """
+    wanted = {cpus} if isinstance(cpus, int) else set(cpus)
     try:
-        os.sched_setaffinity(0, {cpu})
+        os.sched_setaffinity(0, wanted)
     except OSError as exc:
         now = format_cpulist(os.sched_getaffinity(0))
-        return (f"could not pin to CPU {cpu} ({exc.strerror or exc}); serving unpinned on "
+        target = f"CPU {cpus}" if isinstance(cpus, int) else f"CPUs {format_cpulist(wanted)}"
+        return (f"could not pin to {target} ({exc.strerror or exc}); serving unpinned on "
                 f"CPUs {now}. Check --cpu-map/--reserve-cpus against `taskset -pc {os.getpid()}`.")
     return None

@@ -52,10 +52,29 @@ def test_pinned_workers_and_respawn_on_the_same_cpu(start_server):
     assert slot_of_victim.split("slot=")[1].split()[0] == slot_of_new.split("slot=")[1].split()[0]
 
 
-def test_no_pin_leaves_affinity_untouched(start_server):
-    server = start_server("--workers", "2", "--no-pin", *APP)
+@pytest.mark.parametrize("flags", [(), ("--no-pin",)], ids=["default", "no-pin"])
+def test_unpinned_by_default_and_with_no_pin(start_server, flags):
+    """The default follows the A/B (docs/tuning.md, Pinning): workers keep the CPUs they
+    inherit."""
+    server = start_server("--workers", "2", *flags, *APP)
     for pid in wait_for_workers(server, 2):
         assert affinity(pid) == ALLOWED
+    assert "pinning off" in server.log()
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 allowed CPUs")
+def test_unpinned_workers_keep_off_the_reserved_cpus(start_server):
+    reserved = min(ALLOWED)
+    server = start_server("--workers", "2", "--no-pin", "--reserve-cpus", str(reserved), *APP)
+    for pid in wait_for_workers(server, 2):
+        assert affinity(pid) == ALLOWED - {reserved}
+
+
+def test_a_cpu_map_without_pin_is_warned_about(start_server):
+    server = start_server("--workers", "1", "--cpu-map", str(min(ALLOWED)), *APP)
+    pid, = wait_for_workers(server, 1)
+    assert affinity(pid) == ALLOWED
+    assert "--cpu-map is used with --pin only" in server.log()
 
 
 def test_one_allowed_cpu_more_workers_than_cpus(start_server):
