@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="PATH", help="model artifact")
     parser.add_argument("--campaigns", default=None, metavar="PATH", help="campaign catalog")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for 'bidder serve' (repeatable), e.g. --serve-arg=--pin")
+                        help="extra argument for 'bidder serve' (repeatable), e.g. --serve-arg=--no-pin")
     parser.add_argument("--fleet", type=number(int, 0, maximum=4), default=0, metavar="N",
                         help="instead: N hosts on one private PostgreSQL ledger, notices sent to "
                              "any host and retried on another, booked spend against the budget, "

@@ -113,11 +113,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest request body accepted (after gzip decoding); larger gets 413.",
             type=number(int, 1)),
     # --- pinning and scheduling, read by the hooks -----------------------------------------------
-    Setting("pin", "--pin", False, "Pin each worker to its own CPU right after fork. Off by "
-            "default: on the shipped request path the A/B measured pinned workers no cheaper, "
-            "and at 2000 requests/s x1.11 the CPU per request, when memcached or other busy "
-            "processes share their CPUs (docs/tuning.md, Pinning); turn it on where the "
-            "workers own their CPUs and `bidder ab` shows it pays there.",
+    Setting("pin", "--pin", True, "Pin each worker to its own CPU right after fork. Pinned "
+            "workers kept far more of their bids under overload; below saturation, where "
+            "memcached or other busy processes share their CPUs, unpinned ones used up to "
+            "11 percent less CPU per request (docs/tuning.md, Pinning: measure with `bidder ab`).",
             type=boolean, boolean=True),
     Setting("cpu_map", "--cpu-map", None,
             "Explicit slot->CPU map, '0=2,1=3' or a list '2,3' (slot i gets the i-th CPU).",

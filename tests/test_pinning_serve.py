@@ -52,11 +52,15 @@ def test_pinned_workers_and_respawn_on_the_same_cpu(start_server):
     assert slot_of_victim.split("slot=")[1].split()[0] == slot_of_new.split("slot=")[1].split()[0]
 
 
-@pytest.mark.parametrize("flags", [(), ("--no-pin",)], ids=["default", "no-pin"])
-def test_unpinned_by_default_and_with_no_pin(start_server, flags):
-    """The default follows the A/B (docs/tuning.md, Pinning): workers keep the CPUs they
-    inherit."""
-    server = start_server("--workers", "2", *flags, *APP)
+def test_workers_are_pinned_by_default(start_server):
+    server = start_server("--workers", "2", *APP)
+    for pid in wait_for_workers(server, 2):
+        assert len(affinity(pid)) == 1 and affinity(pid) <= ALLOWED
+    assert "pinning on" in server.log()
+
+
+def test_no_pin_leaves_affinity_untouched(start_server):
+    server = start_server("--workers", "2", "--no-pin", *APP)
     for pid in wait_for_workers(server, 2):
         assert affinity(pid) == ALLOWED
     assert "pinning off" in server.log()
@@ -71,7 +75,7 @@ def test_unpinned_workers_keep_off_the_reserved_cpus(start_server):
 
 
 def test_a_cpu_map_without_pin_is_warned_about(start_server):
-    server = start_server("--workers", "1", "--cpu-map", str(min(ALLOWED)), *APP)
+    server = start_server("--workers", "1", "--no-pin", "--cpu-map", str(min(ALLOWED)), *APP)
     pid, = wait_for_workers(server, 1)
     assert affinity(pid) == ALLOWED
     assert "--cpu-map is used with --pin only" in server.log()

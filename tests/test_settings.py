@@ -23,7 +23,7 @@ def test_command_line_beats_environment_beats_default():
     s = settings.resolve(parse(["--pin"]), environ=env)
     assert s.pin is True and s.workers == 3
     s = settings.resolve(parse([]), environ={})
-    assert s.workers == 0 and s.pin is False and s.slice_ms is None
+    assert s.workers == 0 and s.pin is True and s.slice_ms is None
     assert s.bind == "127.0.0.1:8080" and s.max_body_bytes == 64 * 1024
 
 
