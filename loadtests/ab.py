@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from bidder import settings as settings_mod
-from bidder.memcached_proc import EmbeddedMemcached
+from loadtests.memcached_proc import EmbeddedMemcached
 from bidder.settings import number
 from loadtests import openloop, perf, report, stack, stats, traffic
 

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from bidder import settings
-from bidder.memcached_proc import EmbeddedMemcached
+from loadtests.memcached_proc import EmbeddedMemcached
 from bidder.serve import default_workers
 from bidder.settings import number
 from loadtests import capacity, openloop, overload, stack, stats, traffic

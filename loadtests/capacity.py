@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bidder.memcached_proc import EmbeddedMemcached
+from loadtests.memcached_proc import EmbeddedMemcached
 from bidder.settings import number
 from loadtests import openloop, stack, traffic
 

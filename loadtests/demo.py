@@ -16,7 +16,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 
-from bidder import memcached_proc
+from loadtests import memcached_proc
 from bidder.seed import seed_users
 from bidder.settings import number
 from loadtests import openloop, traffic

@@ -27,7 +27,7 @@ from typing import Any
 from pymemcache.client.base import Client
 
 from bidder.featurestore import FeatureStore, frequency_key, parse_servers, user_key
-from bidder.memcached_proc import EmbeddedMemcached
+from loadtests.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
 from bidder.settings import number
 from models import world

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from bidder.ledger import open_ledger
-from bidder.memcached_proc import EmbeddedMemcached
-from bidder.postgres_proc import EmbeddedPostgres
+from loadtests.memcached_proc import EmbeddedMemcached
+from loadtests.postgres_proc import EmbeddedPostgres
 from bidder.seed import seed_users
 from bidder.settings import number
 from loadtests import stack

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bidder.memcached_proc import EmbeddedMemcached
+from loadtests.memcached_proc import EmbeddedMemcached
 from loadtests import openloop, stack, traffic
 
 CONNECTIONS_PER_WORKER = 4  # the normal load

@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from bidder.ledger import open_ledger
-from bidder.memcached_proc import EmbeddedMemcached
-from bidder.postgres_proc import EmbeddedPostgres
+from loadtests.memcached_proc import EmbeddedMemcached
+from loadtests.postgres_proc import EmbeddedPostgres
 from bidder.seed import seed_users
 from bidder.settings import number
 from loadtests import stack

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bidder.memcached_proc import free_port
+from loadtests.memcached_proc import free_port
 
 MIN_CPUS_TO_SEPARATE = 4
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

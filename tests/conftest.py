@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bidder.memcached_proc import EmbeddedMemcached
-from bidder.postgres_proc import EmbeddedPostgres
+from loadtests.memcached_proc import EmbeddedMemcached
+from loadtests.postgres_proc import EmbeddedPostgres
 from bidder.metrics import FLUSH_S
 from bidder.seed import seed_users
 from loadtests import stack

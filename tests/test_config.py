@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from bidder import config, settings
-from bidder.memcached_proc import free_port
+from loadtests.memcached_proc import free_port
 from tests.conftest import launch_server
 
 

@@ -13,7 +13,7 @@ from pymemcache.client.base import Client
 
 from bidder.featurestore import (FeatureStore, UserFeatures, frequency_key, parse_servers,
                                  pending_key, user_key)
-from bidder.memcached_proc import EmbeddedMemcached
+from loadtests.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
 from models import world
 from tests.fakes import GarbageServer

@@ -19,7 +19,7 @@ from pymemcache.client.base import Client
 
 from bidder.featurestore import frequency_key, pending_key, user_key
 from bidder.ledger import open_ledger
-from bidder.memcached_proc import EmbeddedMemcached
+from loadtests.memcached_proc import EmbeddedMemcached
 from bidder.seed import seed_users
 from tests.test_bid_http import CATALOG, bids_of, site_request
 

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from types import TracebackType
 
-from bidder.memcached_proc import free_port, wait_for_port
+from loadtests.memcached_proc import free_port, wait_for_port
 
 ROLE = "bidder"
 INSTALL_HINT = ("PostgreSQL is not installed: 'sudo apt-get install -y postgresql' (Debian/"
