@@ -423,13 +423,15 @@ class FeatureStore:
             self._failed(shard, exc)
 
     def release_pending(self, key: str) -> None:
-        """A bid in flight was billed or lost: one fewer pending (never below 0)."""
+        """A bid in flight was billed or lost: one fewer pending (never below 0). Called on
+        the notice path, so it waits for memcached's answer: once the notice is answered,
+        the user's next bid request sees the release, whichever connection reads it."""
         shard = self.shard_of(key) if self.shards else None
         if shard is None or shard.down(time.monotonic()):
             return
         check_keys([key])
         try:
-            shard.client.decr(key, 1, noreply=True)
+            shard.client.decr(key, 1, noreply=False)
         except FAULTS as exc:
             self._failed(shard, exc)
 

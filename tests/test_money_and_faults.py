@@ -30,8 +30,8 @@ def notice_path(url: str, price: str) -> str:
 
 
 def one_bid(server, **kwargs) -> dict:
-    status, _, body = server.bid(site_request(**kwargs))
-    assert status == 200, body
+    status, headers, body = server.bid(site_request(**kwargs))
+    assert status == 200, (headers.get("x-nobid-reason"), body)
     return bids_of(body)[0]
 
 
