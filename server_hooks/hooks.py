@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import resource
+import signal
 
 from server_hooks import metrics, sched
 from server_hooks.pinning import CpuMapError, CpuPlan, pin, plan_cpus
@@ -83,8 +84,24 @@ def pre_fork(server, worker) -> None:
     worker.board = _slots.board
 
 
+def stop_early(worker) -> None:
+    """Make a stop signal that arrives before the worker's own handlers count.
+
+    Until Gunicorn's ``init_signals`` (after ``post_fork`` and the app's per-process set-up),
+    the child runs the master's handlers, which only queue a signal for the master's loop: a
+    SIGTERM sent then (a server stopped or reloaded just after it started) was lost, and the
+    worker served on until the master killed it after the graceful timeout. With these, the
+    worker leaves its loop as soon as it would enter it."""
+    def stop(signum, frame) -> None:
+        worker.alive = False
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, stop)
+
+
 def post_fork(server, worker) -> None:
-    """Worker, just after fork: pin, set the slice, say where it runs."""
+    """Worker, just after fork: heed stop signals, pin, set the slice, say where it runs."""
+    stop_early(worker)
     settings = _settings(server)
     if settings.pin or settings.reserve_cpus:
         # unpinned, a worker still keeps off the reserved CPUs: it may run on any of the rest
