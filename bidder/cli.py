@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from bidder import metrics_dir
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("bidder.serve", "Run the bid server (Gunicorn master + prefork workers)."),
+    "serve": ("bidder.serve", "Run the bid server (Gunicorn master + pinned prefork workers)."),
     "demo": ("loadtests.demo", "Main job: memcached, users, model, server, a latency burst, a report."),
     "config": ("bidder.config", "Show the effective settings and their sources, or an example "
                "config file."),

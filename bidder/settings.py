@@ -66,8 +66,8 @@ SETTINGS: tuple[Setting, ...] = (
             "least-loaded sibling, so connections spread evenly over the workers. "
             "'gthread' and 'sync' (closes every connection) are there for comparison."),
     Setting("threads", "--threads", 1, "Request threads per worker. The bid path is CPU-bound "
-            "and holds the GIL, so 1 keeps one request per worker and core; keep-alive connections "
-            "wait in the worker's poller, not in a thread.", type=number(int, 1)),
+            "and holds the GIL, so 1 keeps one request per worker and core; keep-alive "
+            "connections wait in the worker's poller, not in a thread.", type=number(int, 1)),
     _HOOKS["offload_paths"],
     _HOOKS["fast_path"],
     _HOOKS["deadline_paths"],

@@ -116,7 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pin", "--pin", True, "Pin each worker to its own CPU right after fork. Pinned "
             "workers kept far more of their bids under overload; below saturation, where "
             "memcached or other busy processes share their CPUs, unpinned ones used up to "
-            "11 percent less CPU per request (docs/tuning.md, Pinning: measure with `bidder ab`).",
+            "11 percent less CPU per request (docs/tuning.md, Pinning; measure with "
+            "`bidder ab`).",
             type=boolean, boolean=True),
     Setting("cpu_map", "--cpu-map", None,
             "Explicit slot->CPU map, '0=2,1=3' or a list '2,3' (slot i gets the i-th CPU).",
