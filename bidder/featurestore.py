@@ -306,7 +306,7 @@ class FeatureStore:
         Default features on a miss; default features and ``None`` for all counters on a fault
         of every server asked, or when less than a timeout and ``AFTER_LOOKUP_S`` is left.
         """
-        if not user_keys or not self.shards or time_left_s < self.timeout_s + AFTER_LOOKUP_S:
+        if not user_keys or not self._may_read(time_left_s):
             metrics.tally.inc(metrics.child(metrics.FEATURE_STORE, "skipped"))
             return DEFAULT_FEATURES, None
         keys = user_keys + counter_keys
@@ -342,12 +342,17 @@ class FeatureStore:
         memcached answers), and memcached a wake-up: on a busy host, more than the parsing.
         Nothing is read when a lookup would skip it (no time left)."""
         self._prefetched = None
-        if not keys or not self.shards or time_left_s < self.timeout_s + AFTER_LOOKUP_S:
+        if not keys or not self._may_read(time_left_s):
             return
         found, unknown, faults = self._get_many(keys)
         if len(unknown) < len(keys):
             self._answered()
         self._prefetched = Prefetched(frozenset(keys), found, frozenset(unknown), faults)
+
+    def _may_read(self, time_left_s: float) -> bool:
+        """Whether a read may go to memcached: there is one, and a time-out still leaves
+        ``AFTER_LOOKUP_S`` of the ``time_left_s`` for the rest of the bid."""
+        return bool(self.shards) and time_left_s >= self.timeout_s + AFTER_LOOKUP_S
 
     def forget_prefetched(self) -> None:
         """The requests the prefetch was for are handled: later look-ups read memcached."""
