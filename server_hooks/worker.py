@@ -479,10 +479,10 @@ class BalancedThreadWorker(ThreadWorker):
             peeked.append((self._ready_at if arrived is None else arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
-        # Plan the poll's requests in arrival order: one that could only start past its
+        # Plan the poll's requests in arrival order: one that could only be answered past its
         # deadline, or past its share of this poll's serving time (now, plus the app's time
-        # for each kept before it), is answered its no-bid at once, before any is served, so
-        # it waits for none of them.
+        # for each kept before it and for itself), is answered its no-bid at once, before any
+        # is served, so it waits for none of them.
         planned_at = turn = time.monotonic()
         queue = []
         for arrived, conn, data in peeked:
@@ -580,14 +580,14 @@ class BalancedThreadWorker(ThreadWorker):
         return budget * self._wait_share, arrived + budget
 
     @staticmethod
-    def _shed(limits: tuple[float, float], start: float, planned_at: float) -> str:
-        """Why a request with ``limits`` starting at ``start``, in a poll planned at
-        ``planned_at``, gets a quick no-bid: "deadline" (it could not be answered in time),
-        "overload" (past its share of the poll's serving time); "" if none."""
+    def _shed(limits: tuple[float, float], done: float, planned_at: float) -> str:
+        """Why a request with ``limits``, expected to be answered at ``done``, in a poll
+        planned at ``planned_at``, gets a quick no-bid: "deadline" (it could not be answered
+        in time), "overload" (past its share of the poll's serving time); "" if none."""
         share, deadline = limits
-        if start >= deadline:
+        if done >= deadline:
             return "deadline"
-        return "overload" if start - planned_at >= share else ""
+        return "overload" if done - planned_at >= share else ""
 
     def _answer(self, conn, request: Request, shed: str) -> None:
         """Call the app (or, ``shed``, answer that no-bid without it), send the answer, keep
