@@ -77,6 +77,7 @@ class Bid:
     won: bool = False
     clearing: float = 0.0
     billing: list[str] = field(default_factory=list)  # answers to its billing notices
+    lost_answers: int = 0  # billing notices sent to a host that died before it answered
 
 
 @dataclass
@@ -93,6 +94,9 @@ class Result:
     rerouted: int = 0  # notices whose host was gone, sent to another
     booked: int = 0
     duplicates: int = 0
+    # won bids whose booking answer died with its host: the ledger has them, and the exchange's
+    # next try on another host was answered "duplicate"
+    booked_unanswered: int = 0
     refused: int = 0
     failed: int = 0
     double_bookings: int = 0
@@ -203,6 +207,9 @@ class Exchange:
                 body = response.read()
             except OSError:
                 conns.pop(host, None)
+                if kind == "billing":
+                    with self.lock:
+                        bid.lost_answers += 1  # type: ignore[union-attr]
                 if host in self.alive:
                     time.sleep(0.05)
                 host = self.pick(avoid=host)
@@ -386,6 +393,8 @@ def wait_ready(server: stack.Server, timeout_s: float = 60.0) -> None:
 def summarize(exchange: Exchange, specs: list[str], args: argparse.Namespace) -> Result:
     r = exchange.result
     r.double_bookings = sum(1 for b in exchange.bids if b.billing.count("booked") > 1)
+    r.booked_unanswered = sum(1 for b in exchange.bids
+                              if b.won and b.lost_answers and "booked" not in b.billing)
     r.spend_usd, r.ledger_billings = read_ledgers(sorted(set(specs)))
     r.exchange_spend_usd = round(sum(b.clearing for b in exchange.bids if b.won) / 1000, 6)
     r.max_impression_usd = max((b.price + 0.01) / 1000 for b in exchange.bids) \
@@ -415,7 +424,8 @@ def report(r: Result) -> str:
         f"{r.wins} won; no-bids {r.nobids}",
         f"billing notices: {r.billing_sent} sent + {r.billing_retries} retries on another host; "
         f"{r.booked} booked, {r.duplicates} duplicate, {r.refused} refused, {r.failed} failed, "
-        f"{r.rerouted} rerouted from a dead host",
+        f"{r.rerouted} rerouted from a dead host ({r.booked_unanswered} booked by a host that "
+        f"died before it answered)",
         f"double bookings: {r.double_bookings} (ledger holds {r.ledger_billings} billing notices "
         f"for {r.wins} won bids)",
         f"spend: ledger {r.spend_usd:.6f} USD, exchange {r.exchange_spend_usd:.6f} USD, budget "

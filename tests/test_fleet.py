@@ -25,8 +25,13 @@ def test_a_fleet_books_each_notice_once_and_spends_its_budget(kill_at):
     r = run_fleet(args, say=lambda message: None)
     print(report(r))
     assert r.billing_retries > 10 and r.failed == 0 and r.refused == 0
-    assert r.double_bookings == 0 and r.booked == r.wins == r.ledger_billings
-    assert r.duplicates == r.billing_retries
+    # exactly once: a host SIGKILLed between its commit and its answer leaves a booking the
+    # exchange never heard of; its retry elsewhere is a duplicate, and the ledger holds it once
+    assert r.double_bookings == 0
+    assert r.booked + r.booked_unanswered == r.wins == r.ledger_billings
+    assert r.duplicates == r.billing_retries + r.booked_unanswered
+    if kill_at is None:
+        assert r.booked_unanswered == 0
     # the ledger books what the exchange billed (each cost rounded down to the micro)
     assert 0 <= r.exchange_spend_usd - r.spend_usd <= r.wins * 1e-6
     assert r.spend_usd <= 1.02 * args.budget + r.max_impression_usd
