@@ -86,21 +86,30 @@ class Load:
             t.join()
 
 
-def _versions(server, n=12):
-    seen = set()
-    for _ in range(n):
+def _versions(server, timeout=10.0) -> dict[int, str]:
+    """The model version each worker serves, by pid: ``/readyz`` asked until every worker now
+    running has answered (which worker answers is the balancer's choice)."""
+    seen: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = set(server.worker_pids())
+        if pids and pids <= seen.keys():
+            return {pid: seen[pid] for pid in pids}
         status, _, body = server.admin("GET", "/readyz")
-        seen.add(json.loads(body)["components"]["model"]["version"].split("-")[0])
-    return seen
+        answer = json.loads(body)
+        seen[answer["pid"]] = answer["components"]["model"]["version"].split("-")[0]
+    raise AssertionError(f"not every worker answered /readyz in {timeout} s: {seen}, "
+                         f"workers {server.worker_pids()}")
 
 
 def _wait_version(server, version, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _versions(server) == {version}:
+        if set(_versions(server).values()) == {version}:
             return
         time.sleep(0.1)
-    raise AssertionError(f"workers did not all switch to {version}: {_versions(server)}\n{server.log()[-3000:]}")
+    raise AssertionError(f"workers did not all switch to {version}: {_versions(server)}\n"
+                         f"{server.log()[-3000:]}")
 
 
 def _serve_watched(first, live, tmp_path):
@@ -115,7 +124,7 @@ def test_hot_reload_under_load_never_fails_a_request(artifacts, tmp_path):
     live = tmp_path / "model.npz"
     server = _serve_watched(artifacts["a"], live, tmp_path)
     try:
-        assert _versions(server) == {"a"}
+        assert set(_versions(server).values()) == {"a"}
         load = Load(server.port)
         try:
             time.sleep(0.5)
@@ -123,7 +132,7 @@ def test_hot_reload_under_load_never_fails_a_request(artifacts, tmp_path):
             _wait_version(server, "b")
             live.write_bytes(b"not a model")  # 2. a bad file is refused, b keeps serving
             time.sleep(1.0)
-            assert _versions(server) == {"b"}
+            assert set(_versions(server).values()) == {"b"}
             _install(artifacts["a"], live)  # 3. SIGHUP: the master reloads, new workers fork with a
             os.kill(server.master_pid, signal.SIGHUP)
             _wait_version(server, "a")
