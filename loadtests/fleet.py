@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
@@ -156,6 +157,19 @@ class Exchange:
         self.started = time.monotonic()
         self.stop_sending = threading.Event()
         self.done = threading.Event()
+        self.crashed: list[str] = []  # a thread that died: its counts are missing
+
+    def guarded(self, target: Callable[..., None]) -> Callable[..., None]:
+        """``target`` for a thread, its failure recorded (the run is then refused, not
+        reported with counts short of what happened)."""
+        def run(*args: object) -> None:
+            try:
+                target(*args)
+            except BaseException as exc:
+                with self.lock:
+                    self.crashed.append(f"{target.__name__}: {exc!r}")
+                raise
+        return run
 
     # --- routing ----------------------------------------------------------------------------
     def pick(self, avoid: int | None = None) -> int:
@@ -205,7 +219,7 @@ class Exchange:
                 conn.request("GET", path)
                 response = conn.getresponse()
                 body = response.read()
-            except OSError:
+            except (OSError, http.client.HTTPException):  # gone, or killed mid-answer
                 conns.pop(host, None)
                 if kind == "billing":
                     with self.lock:
@@ -255,7 +269,7 @@ class Exchange:
                              headers={"Content-Type": "application/json"})
                 response = conn.getresponse()
                 body = response.read()
-            except OSError:
+            except (OSError, http.client.HTTPException):  # gone, or killed mid-answer
                 conns.pop(host, None)
                 continue
             self.on_answer(rng, host, response.status, response.getheader("X-Nobid-Reason"),
@@ -347,9 +361,9 @@ def run_fleet(args: argparse.Namespace, say=print) -> Result:
 
         exchange = Exchange(servers, args)
         until = time.monotonic() + args.duration
-        threads = [threading.Thread(target=exchange.bidder, args=(i, args.rate / 8, until))
+        threads = [threading.Thread(target=exchange.guarded(exchange.bidder), args=(i, args.rate / 8, until))
                    for i in range(8)]
-        senders = [threading.Thread(target=exchange.notice_sender) for _ in range(6)]
+        senders = [threading.Thread(target=exchange.guarded(exchange.notice_sender)) for _ in range(6)]
         for t in threads + senders:
             t.start()
         killed = False
@@ -372,6 +386,9 @@ def run_fleet(args: argparse.Namespace, say=print) -> Result:
             exchange.queued.notify_all()
         for t in senders:
             t.join()
+        if exchange.crashed:
+            raise RuntimeError(f"the exchange stand-in failed, so its counts would be short: "
+                               f"{exchange.crashed}")
         result = summarize(exchange, specs, args)
         return result
 

@@ -5,10 +5,12 @@ host SIGKILLed mid-run."""
 from __future__ import annotations
 
 import argparse
+import socket
+import threading
 
 import pytest
 
-from loadtests.fleet import report, run_fleet
+from loadtests.fleet import Bid, Exchange, report, run_fleet
 
 
 def fleet_args(**overrides) -> argparse.Namespace:
@@ -39,3 +41,53 @@ def test_a_fleet_books_each_notice_once_and_spends_its_budget(kill_at):
     assert r.nobids.get("budget_exhausted", 0) > 0
     if kill_at is not None:
         assert r.killed_host is not None and r.rerouted > 0
+
+
+class _Host:
+    """A host on a real socket that reads one request and answers ``answer`` (then closes)."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+
+
+def test_a_billing_answer_cut_off_by_a_dying_host_is_retried_elsewhere_and_counted():
+    """A host killed between its answer's head and its body (notices take Gunicorn's path, two
+    writes): the exchange stand-in tries another host and counts the answer lost, instead of
+    its sender thread dying with the notices queued behind it."""
+    dying = _Host(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n")
+    body = b'{"status": "duplicate"}'
+    healthy = _Host(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                    % (len(body), body))
+    exchange = Exchange([dying, healthy], fleet_args(hosts=2))
+    bid = Bid("b1", 0, 0.0, 1.0, "http://h/notice/billing?x=1", "", "", won=True)
+    exchange.send_notice({}, "billing", bid.burl, bid, 0)
+    assert bid.lost_answers == 1 and bid.billing == ["duplicate"]
+    assert exchange.result.duplicates == 1 and exchange.result.failed == 0
+    dying.listener.close()
+    healthy.listener.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crashed_exchange_thread_is_reported_not_silently_short():
+    exchange = Exchange([], fleet_args(hosts=0))
+
+    def broken() -> None:
+        raise ValueError("boom")
+
+    thread = threading.Thread(target=exchange.guarded(broken))
+    thread.start()
+    thread.join()
+    assert exchange.crashed == ["broken: ValueError('boom')"]
