@@ -361,9 +361,10 @@ def run_fleet(args: argparse.Namespace, say=print) -> Result:
 
         exchange = Exchange(servers, args)
         until = time.monotonic() + args.duration
-        threads = [threading.Thread(target=exchange.guarded(exchange.bidder), args=(i, args.rate / 8, until))
-                   for i in range(8)]
-        senders = [threading.Thread(target=exchange.guarded(exchange.notice_sender)) for _ in range(6)]
+        threads = [threading.Thread(target=exchange.guarded(exchange.bidder),
+                                    args=(i, args.rate / 8, until)) for i in range(8)]
+        senders = [threading.Thread(target=exchange.guarded(exchange.notice_sender))
+                   for _ in range(6)]
         for t in threads + senders:
             t.start()
         killed = False

@@ -81,10 +81,11 @@ def run_day(args: argparse.Namespace, say=print) -> dict:
                                      budget=args.daily_budget)
         exchange = Exchange(servers, options)
         until = wall_start + args.day_s
-        bidders = [threading.Thread(target=exchange.bidder,
+        bidders = [threading.Thread(target=exchange.guarded(exchange.bidder),
                                     args=(i, args.rate / 4, time.monotonic() + args.day_s))
                    for i in range(4)]
-        senders = [threading.Thread(target=exchange.notice_sender) for _ in range(4)]
+        senders = [threading.Thread(target=exchange.guarded(exchange.notice_sender))
+                   for _ in range(4)]
         for t in bidders + senders:
             t.start()
         samples: list[tuple[float, float]] = []  # (hour of the day, spend USD)
@@ -107,6 +108,9 @@ def run_day(args: argparse.Namespace, say=print) -> dict:
             t.join()
         final = ledger.spend_by_day().get((CAMPAIGN, day), 0) / 1e6
         ledger.close()
+        if exchange.crashed:
+            raise RuntimeError(f"the exchange stand-in failed, so the day's spend is short: "
+                               f"{exchange.crashed}")
     hours = check_hours(samples, args.daily_budget)
     result = {"day": day, "timezone": args.timezone, "daily_budget_usd": args.daily_budget,
               "day_s": args.day_s, "final_spend_usd": final, "hours": hours,
