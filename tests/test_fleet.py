@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from loadtests.fleet import Bid, Exchange, report, run_fleet
+from tests.fakes import LoopbackServer
 
 
 def fleet_args(**overrides) -> argparse.Namespace:
@@ -43,24 +44,17 @@ def test_a_fleet_books_each_notice_once_and_spends_its_budget(kill_at):
         assert r.killed_host is not None and r.rerouted > 0
 
 
-class _Host:
-    """A host on a real socket that reads one request and answers ``answer`` (then closes)."""
+class _Host(LoopbackServer):
+    """A host that reads one request and answers ``answer`` (then closes)."""
 
     def __init__(self, answer: bytes) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.answer = answer
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(self.answer)
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(self.answer)
 
 
 def test_a_billing_answer_cut_off_by_a_dying_host_is_retried_elsewhere_and_counted():
@@ -76,8 +70,8 @@ def test_a_billing_answer_cut_off_by_a_dying_host_is_retried_elsewhere_and_count
     exchange.send_notice({}, "billing", bid.burl, bid, 0)
     assert bid.lost_answers == 1 and bid.billing == ["duplicate"]
     assert exchange.result.duplicates == 1 and exchange.result.failed == 0
-    dying.listener.close()
-    healthy.listener.close()
+    dying.close()
+    healthy.close()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
