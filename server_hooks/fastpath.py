@@ -40,6 +40,8 @@ from gunicorn.http.message import TOKEN_RE
 from gunicorn.http.wsgi import HEADER_VALUE_RE, base_environ
 from gunicorn.util import hop_headers
 
+from server_hooks.framing import LENGTH_DIGITS
+
 # GET or POST, an origin-form target of printable ASCII without "%" (escapes), "#" (fragment)
 # or a leading "//" (which URL splitting reads as an authority), HTTP/1.0 or 1.1.
 REQUEST_LINE = re.compile(rb'(GET|POST) (/(?!/)[!"$&-~]*) HTTP/1\.([01])')
@@ -152,7 +154,8 @@ class FastPath:
             if match[1] == b"POST":
                 return None  # a body without a length (chunked, or none at all)
             size = 0
-        elif length.isdigit() and length.isascii() and int(length) <= self.body_limit:
+        elif length.isdigit() and length.isascii() and len(length) <= LENGTH_DIGITS \
+                and int(length) <= self.body_limit:
             size = int(length)
         else:
             return None  # the arrival check answers an invalid or oversized length

@@ -34,6 +34,9 @@ MAX_QUEUED_S = 60.0  # an age past this (or negative) is a clock step, not a que
 # connection is answered 408 and closed (it waits in the poller meanwhile, blocking nothing).
 ARRIVAL_S = 3.0
 
+# Longer Content-Length values exceed any body limit (and int() refuses 4300 digits or more).
+LENGTH_DIGITS = 18
+
 
 class Arrival(IntEnum):
     """What :func:`arrival` finds at the head of a connection's bytes."""
@@ -93,6 +96,8 @@ def arrival(data: bytes, head_limit: int, body_limit: int) -> Arrival:
             return Arrival.READY  # no body
         if not length.isdigit():
             return Arrival.MALFORMED
+        if len(length) > LENGTH_DIGITS:
+            return Arrival.TOO_LARGE
         size = int(length)
         if size > body_limit:
             return Arrival.TOO_LARGE

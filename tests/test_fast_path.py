@@ -159,6 +159,18 @@ def test_every_status_answers_alike(servers):
     assert head[0][0] == 200
 
 
+def test_an_absurd_content_length_is_refused_on_both_paths(servers):
+    """A Content-Length too long for int() (4300 digits or more) raised in the fast path's
+    parser and took the worker down with every connection it held; now 413, as any length
+    over the limit, and the worker answers on."""
+    for digits in (19, 4301, 5000):
+        absurd = BID_HEAD + b"Content-Length: " + b"9" * digits + b"\r\n\r\n"
+        assert same_answers(servers, [absurd], 1)[0][0] == 413
+    bid = post(json.dumps({"id": "a", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}}],
+                           "site": {"id": "s1"}, "tmax": 200}).encode())
+    assert same_answers(servers, [bid, bid], 2)[1][0] in (200, 204)
+
+
 def test_connection_semantics_answer_alike(servers):
     bid = post(json.dumps({"id": "c", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}}],
                            "site": {"id": "s1"}, "tmax": 200}).encode())
