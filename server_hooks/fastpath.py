@@ -17,9 +17,12 @@ header names without underscores, no repeated field, no ``Transfer-Encoding``, `
 returns None for anything else and the worker hands the request to Gunicorn's parser exactly
 as before, so unusual requests are answered as they always were.
 
-The parser is a regular expression over the head plus ``bytes.split``: with the header names
-an exchange sends cached to their environ keys, parsing costs about what httptools' C parser
-costs through its Python callbacks (see docs/tuning.md), and needs no dependency.
+The parser is a regular expression over the head plus ``bytes.split``, with the header names
+an exchange sends cached to their environ keys. An exchange sends a few heads over and over,
+differing only in ``Content-Length``, so what each says is remembered under the head less that
+value: a known head costs a dictionary look-up and a copy, below what httptools' C parser
+costs through its Python callbacks (``python -m server_hooks.parserbench``), with no
+dependency.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\
 GUNICORN_FIELDS = frozenset({b"TRANSFER-ENCODING", b"EXPECT", b"UPGRADE", b"HTTP2-SETTINGS"})
 OPENRTB_VERSION = "2.6"  # of the bid app's answers (X-OpenRTB-Version), for the worker's no-bids
 KNOWN_NAMES = 1024  # header names remembered with their environ key (a peer cannot grow it more)
+KNOWN_HEADS = 1024  # request heads remembered with their parsed form (idem)
+LENGTH_FIELD = b"\r\nContent-Length: "  # as exchanges spell it: its value is left out of the key
 
 INTERNAL_ERROR = ("<html>\n  <head>\n    <title>Internal Server Error</title>\n  </head>\n"
                   "  <body>\n    <h1><p>Internal Server Error</p></h1>\n    \n  </body>\n"
@@ -64,6 +69,15 @@ class Request(NamedTuple):
     environ: dict[str, Any]
     size: int  # bytes of head and body: the request's share of the connection's bytes
     close: bool  # the client asked for the connection to close after the answer
+    http10: bool
+
+
+class Head(NamedTuple):
+    """What a request head says: its environ entries, body length and connection semantics."""
+
+    environ: dict[str, Any]  # everything but the body and the connection's addresses
+    length: int
+    close: bool
     http10: bool
 
 
@@ -96,6 +110,7 @@ class FastPath:
                         "SCRIPT_NAME": ""})
         self.base = environ
         self._keys: dict[bytes, str] = {}  # header name as sent -> environ key ("": fallback)
+        self._heads: dict[bytes, Head] = {}  # request head as sent -> what it says
         self._names: set[str] = set()  # response header names already validated
         self._date_at = 0
         self._date = ""
@@ -128,16 +143,54 @@ class FastPath:
         return key
 
     def parse(self, data: bytes, client: Any, server: Any) -> Request | None:
-        """The request at the start of ``data`` if it is whole and plain, else None."""
+        """The request at the start of ``data`` if it is whole and plain, else None. An
+        exchange sends the same few heads over and over, differing in ``Content-Length``
+        only, so what a head says is remembered under the head less that value: a known head
+        costs a look-up and the value's check."""
         end = data.find(b"\r\n\r\n")
-        if end < 0 or end >= self.head_limit:
+        if end < 0 or end >= self.head_limit or not isinstance(server, tuple):
             return None
+        at = data.find(LENGTH_FIELD, 0, end)
+        if at >= 0:
+            at += len(LENGTH_FIELD)
+            line_end = data.find(b"\r\n", at, end + 2)
+            value = data[at:line_end]
+            key = data[:at] + data[line_end:end]
+        else:
+            value, key = None, data[:end]
+        head = self._heads.get(key)
+        if head is None:
+            head = self._parse_head(data, end)
+            if head is None:
+                return None
+            if len(self._heads) >= KNOWN_HEADS:
+                self._heads.clear()  # a peer varying its heads must not grow the memory
+            self._heads[key] = head
+        environ = head.environ.copy()
+        size = head.length
+        if value is not None:
+            if not value.isdigit() or len(value) > LENGTH_DIGITS or int(value) > self.body_limit:
+                return None  # as _parse_head would decide
+            size = int(value)
+            environ["CONTENT_LENGTH"] = value.decode()
+        total = end + 4 + size
+        if len(data) < total:
+            return None
+        environ["wsgi.input"] = io.BytesIO(data[end + 4:total])
+        environ["REMOTE_ADDR"] = client[0]
+        environ["REMOTE_PORT"] = str(client[1])
+        environ["SERVER_NAME"] = server[0]
+        environ["SERVER_PORT"] = str(server[1])
+        return Request(environ, total, head.close, head.http10)
+
+    def _parse_head(self, data: bytes, end: int) -> Head | None:
+        """What the head ``data[:end]`` says, if it is plain, else None."""
         line = data.find(b"\r\n")
         match = REQUEST_LINE.fullmatch(data, 0, line) if line <= self.line_limit else None
         if match is None or not FIELDS.fullmatch(data, line + 2, end + 2):
             return None
         fields = data[line + 2:end].split(b"\r\n") if end > line else []
-        if len(fields) > self.max_fields or not isinstance(server, tuple):
+        if len(fields) > self.max_fields:
             return None
         environ = self.base.copy()
         keys = self._keys
@@ -159,10 +212,6 @@ class FastPath:
             size = int(length)
         else:
             return None  # the arrival check answers an invalid or oversized length
-        total = end + 4 + size
-        if len(data) < total:
-            return None
-        environ["wsgi.input"] = io.BytesIO(data[end + 4:total])
         target = match[2].decode()
         path, _, query = target.partition("?")
         http10 = match[3] == b"0"
@@ -171,10 +220,6 @@ class FastPath:
         environ["QUERY_STRING"] = query
         environ["RAW_URI"] = target
         environ["SERVER_PROTOCOL"] = "HTTP/1.0" if http10 else "HTTP/1.1"
-        environ["REMOTE_ADDR"] = client[0]
-        environ["REMOTE_PORT"] = str(client[1])
-        environ["SERVER_NAME"] = server[0]
-        environ["SERVER_PORT"] = str(server[1])
         # Gunicorn reads only the first Connection field: "close", "keep-alive", else the version.
         connection = environ.get("HTTP_CONNECTION")
         if connection is None:
@@ -182,7 +227,7 @@ class FastPath:
         else:
             connection = connection.lower()
             close = connection == "close" or (connection != "keep-alive" and http10)
-        return Request(environ, total, close, http10)
+        return Head(environ, size, close, http10)
 
     def respond(self, request: Request, sock: Any, close: bool) -> Answer:
         """Call the app on ``request`` and frame its answer; ``close``: the connection closes

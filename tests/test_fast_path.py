@@ -239,3 +239,50 @@ def test_the_parser_bench_compares_on_requests_the_fast_path_takes(capsys):
         assert code == 0 and "ratio ours/httptools" in out.out, out
     else:
         assert code == 2 and "httptools is not installed" in out.err, out
+
+
+def _parser():
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from server_hooks.fastpath import FastPath
+    cfg = Config()
+    return FastPath(cfg, lambda environ, start: [], Logger(cfg), 4096)
+
+
+def test_a_known_head_is_parsed_from_memory_with_its_own_length_and_addresses():
+    """Heads differing only in Content-Length share one remembered parse; the length, the
+    body and the connection's addresses are each request's own."""
+    fast = _parser()
+    server = ("127.0.0.1", 8080)
+    first = fast.parse(post(b'{"id":"1"}'), ("10.0.0.1", 1111), server)
+    second = fast.parse(post(b'{"id":"two"}') + b"GET /next", ("10.0.0.2", 2222), server)
+    assert len(fast._heads) == 1
+    assert first.environ["CONTENT_LENGTH"] == "10" and second.environ["CONTENT_LENGTH"] == "12"
+    assert second.environ["wsgi.input"].getvalue() == b'{"id":"two"}'
+    assert second.size == len(post(b'{"id":"two"}'))
+    assert (second.environ["REMOTE_ADDR"], second.environ["REMOTE_PORT"]) == ("10.0.0.2", "2222")
+    assert first.environ["REMOTE_PORT"] == "1111" and "wsgi.input" in first.environ
+    # a remembered head does not vouch for a new value: bad or oversized lengths go to
+    # Gunicorn's path (None) exactly as on first sight
+    for value in (b"12a", b"", b"-1", b"9" * 19, b"4097"):
+        data = BID_HEAD + b"Content-Length: " + value + b"\r\n\r\n" + b"x" * 12
+        assert fast.parse(data, ("10.0.0.1", 1), server) is None, value
+    # a body not all there yet: not whole
+    assert fast.parse(post(b'{"id":"three"}')[:-1], ("10.0.0.1", 1), server) is None
+
+
+def test_remembered_heads_are_bounded_and_other_spellings_still_parse():
+    from server_hooks.fastpath import KNOWN_HEADS
+    fast = _parser()
+    server = ("127.0.0.1", 8080)
+    for i in range(KNOWN_HEADS + 5):
+        request = fast.parse(post(b"{}", b"X-Serial: %d\r\n" % i), ("10.0.0.1", 1), server)
+        assert request.environ["HTTP_X_SERIAL"] == str(i)
+        assert len(fast._heads) <= KNOWN_HEADS
+    lower = (b"POST /openrtb2/bid HTTP/1.0\r\nhost: x\r\ncontent-length: 2\r\n"
+             b"connection: keep-alive\r\n\r\n{}")
+    for _ in range(2):
+        request = fast.parse(lower, ("10.0.0.1", 1), server)
+        assert request.environ["CONTENT_LENGTH"] == "2" and request.http10
+        assert not request.close
