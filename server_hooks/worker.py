@@ -103,6 +103,7 @@ class BalancedThreadWorker(ThreadWorker):
     _closing: deque | tuple = ()  # fast path: closed connections awaiting the client's FIN
     _deadline_paths: tuple = ()  # fast path: "POST /path" prefixes of requests with a tmax
     _accept_at = 0.0  # when a long poll next looks for a waiting connection
+    _keepalive_s = 0.0  # cfg.keepalive (fast path)
     _service_s = 0.0  # moving average of the wall time per such request served
     _prefetch = None  # the app's prefetch(environs) context, if it has one (fast path)
     _shed_counts: dict[str, int]  # fast path: quick no-bids of this poll, by reason
@@ -175,6 +176,7 @@ class BalancedThreadWorker(ThreadWorker):
         self._continued = set()  # connections sent a 100 Continue by this worker
         if self._gated and getattr(settings, "fast_path", True) and FastPath.usable(cfg):
             self._fast = FastPath(cfg, self._app, self.log, body)
+            self._keepalive_s = cfg.keepalive  # read per answer: a plain attribute, not a lookup
             self._idle = {}
             self._ready: list = []  # connections found readable by this poll
             self._closing = deque()
@@ -592,7 +594,7 @@ class BalancedThreadWorker(ThreadWorker):
     def _answer(self, conn, request: Request, shed: str) -> None:
         """Call the app (or, ``shed``, answer that no-bid without it), send the answer, keep
         or close the connection."""
-        close = request.close or not self.alive or not self.cfg.keepalive \
+        close = request.close or not self.alive or not self._keepalive_s \
             or self._keepalive_full_now() or self._balancer.should_shed(self._conns)
         self.nr += 1
         if self.nr >= self.max_requests:
@@ -615,7 +617,7 @@ class BalancedThreadWorker(ThreadWorker):
             self._close(conn)
         else:
             now = time.monotonic()
-            conn.timeout = now + self.cfg.keepalive
+            conn.timeout = now + self._keepalive_s
             if not self.alive:
                 conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
             self._idle[conn] = None
