@@ -109,6 +109,13 @@ SETTINGS: tuple[Setting, ...] = (
             "followed at once by the next request. 1: only requests that would miss their "
             "deadline. docs/tuning.md (Overload) gives the measurements behind the default.",
             type=number(float, 0.0, exclusive=True, maximum=1.0)),
+    Setting("closed_loop_share", "--closed-loop-share", 0.5,
+            "The --wait-share used instead while the client keeps every connection busy, each "
+            "next request coming as soon as the answer before it (for a second on end): quick "
+            "no-bids then only bring the next request at once, and longer polls make more "
+            "bids with fewer no-bids. An open loop with connections to spare keeps "
+            "--wait-share. docs/tuning.md (Overload) gives the measurements behind it.",
+            type=number(float, 0.0, exclusive=True, maximum=1.0)),
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.",
             type=number(int, 1)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -116,3 +117,57 @@ def test_tmax_is_read_without_decoding():
     # a string holding the member's name is no member (its quotes are escaped)
     assert peek_tmax(b'{"site":{"name":"\\"tmax\\": 5"},"tmax":300}') == 300
     assert peek_tmax(b'{"tmax":30,"ext":{"tmax":200}}') == 200  # the largest: never shed early
+
+
+def _keep_busy(server, connections: int, seconds: float, pause_s: float) -> list[tuple]:
+    """``connections`` clients each sending a POST, reading its answer and sending the next
+    after ``pause_s`` (0: back to back, a closed loop), for ``seconds``; every answer as
+    (time since the start, status)."""
+    body = json.dumps({"id": "x", "tmax": TMAX_MS}).encode()
+    request = (b"POST /bid HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    answers: list[tuple] = []
+    started = time.monotonic()
+
+    def client() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            while time.monotonic() - started < seconds:
+                sock.sendall(request)
+                status, _, _ = read_answer(reader)
+                answers.append((time.monotonic() - started, status))
+                if pause_s:
+                    time.sleep(pause_s)
+
+    threads = [threading.Thread(target=client) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_a_closed_loop_gets_longer_polls_and_more_bids(tmp_path):
+    """--wait-share 0.1 serves one 20 ms request a poll and sheds the rest; once every
+    request has come back to back for a second (a closed loop), polls serve for
+    --closed-loop-share 0.9 of the 90 ms instead: several bids a poll. Clients that pause
+    between requests leave the worker on --wait-share."""
+    srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
+                        "--deadline-paths", "/bid", "--wait-share", "0.1",
+                        "--closed-loop-share", "0.9", "--fast-path")
+    try:
+        paced = _keep_busy(srv, 8, 1.6, 0.01)
+        assert "a closed loop" not in srv.log()
+        closed = _keep_busy(srv, 8, 2.6, 0.0)
+        assert "its clients keep every connection busy (a closed loop)" in srv.log()
+    finally:
+        srv.stop()
+
+    def bid_share(answers: list[tuple], since: float, until: float) -> float:
+        statuses = [status for at, status in answers if since <= at < until]
+        assert statuses and set(statuses) <= {200, 204}, statuses
+        return statuses.count(200) / len(statuses)
+
+    early, late = bid_share(closed, 0.0, 0.8), bid_share(closed, 1.8, 2.6)
+    assert early < 0.25 and late > 0.3 and late > 2 * early, (early, late)
+    assert bid_share(paced, 0.8, 1.6) < 0.4
