@@ -6,9 +6,9 @@ parser of the uvicorn stack) unless a small parser of our own measures the same.
 measures both on requests shaped as an exchange sends bid requests (its usual head fields, a
 JSON body of 0.5-2 KB), each turning the bytes into the same environ (httptools through its
 callbacks, as uvicorn drives it), in one process on one CPU: the minimum over ``--reps``
-rounds of microseconds per request. Ours is measured twice: as in service, where an exchange's
-few heads are remembered (see ``FastPath.parse``), and with every head new. httptools comes with the ``[load]`` extra; the server
-itself does not use it.
+rounds of microseconds per request. Ours is measured twice: as in service, where an
+exchange's few heads are remembered (see ``FastPath.parse``), and with every head new.
+httptools comes with the ``[load]`` extra; the server itself does not use it.
 """
 from __future__ import annotations
 

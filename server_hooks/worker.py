@@ -617,15 +617,15 @@ class BalancedThreadWorker(ThreadWorker):
         return request
 
     def _limits(self, request: Request, arrived: float) -> tuple[float, float]:
-        """(share of a poll's serving time, deadline) of a request with a deadline. The
+        """(time from arrival to deadline, deadline) of a request with a deadline. The
         deadline is the app's: tmax (read from the bytes, else the app's default) less the
         margin, from its arrival; a body whose tmax cannot be read (gzip) gets none here
-        (infinity): the app decides, shedding it right after decoding if it is late. The
-        share is ``wait_share`` of the time from arrival to deadline: an overloaded worker
-        serves each poll's requests for at most that long and answers the rest a quick
-        no-bid, so its answers come well inside tmax (a served request waited for at most
-        the previous poll and this one's share) and an exchange's connections turn over fast
-        enough to carry its requests (it would otherwise queue them on its side)."""
+        (infinity): the app decides, shedding it right after decoding if it is late. A poll
+        serves for at most a share of that time (``wait_share``, or ``closed_loop_share``: see
+        _closed_loop) and answers the rest a quick no-bid, so its answers come well inside
+        tmax (a served request waited for at most the previous poll and this one's share) and
+        an exchange's connections turn over fast enough to carry its requests (it would
+        otherwise queue them on its side)."""
         environ = request.environ
         if environ.get("HTTP_CONTENT_ENCODING", "identity").lower() != "identity":
             return math.inf, math.inf
