@@ -24,6 +24,10 @@ SHED = Counter("bidder_worker_nobids_total",
                "bidder_requests_total or bidder_nobids_total, which the app counts.", ["reason"])
 SHED.labels("deadline")
 SHED.labels("overload")
+CLOSED_LOOP = Gauge("bidder_worker_closed_loop",
+                    "Workers whose last clients kept every connection busy (nearly every request "
+                    "back to back for a second): their overloaded polls serve for "
+                    "--closed-loop-share instead of --wait-share.", multiprocess_mode="livesum")
 WORKER_INFO = Gauge("bidder_worker_info",
                     "1 per live worker: its slot, pid, the CPUs it may run on and its slice.",
                     ["slot", "pid", "cpus", "slice_ns"], multiprocess_mode="liveall")

@@ -91,6 +91,7 @@ BACK_TO_BACK_S = 0.005
 BACK_TO_BACK_SHARE = 0.9
 BACK_TO_BACK_WINDOW_S = 0.1
 CLOSED_LOOP_AFTER_S = 1.0
+SWITCH_LOG_S = 60.0  # at most one log line a minute about those switches (the gauge has each)
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -122,6 +123,8 @@ class BalancedThreadWorker(ThreadWorker):
     _window_back_to_back = 0  # in it: requests that came back to back
     _window_taken = 0  # in it: requests taken up
     _in_closed_loop = False  # what _closed_loop last said
+    _switches = 0  # how often it changed its mind since it last said so in the log
+    _switch_logged_at = -math.inf
 
     @property  # type: ignore[override]
     def nr_conns(self) -> int:
@@ -569,10 +572,17 @@ class BalancedThreadWorker(ThreadWorker):
         closed = now - self._back_to_back_since >= CLOSED_LOOP_AFTER_S
         if closed != self._in_closed_loop:
             self._in_closed_loop = closed
-            self.log.info("worker pid=%s: %s", self.pid, "its clients keep every connection "
-                          "busy (a closed loop): overloaded polls serve for --closed-loop-share"
-                          if closed else "its clients leave connections idle again: "
-                          "overloaded polls serve for --wait-share")
+            metrics.CLOSED_LOOP.set(int(closed))
+            self._switches += 1
+            if now >= self._switch_logged_at + SWITCH_LOG_S:  # a client on the edge flips often
+                self.log.info(
+                    "worker pid=%s: %s%s", self.pid, "its clients keep every connection busy (a "
+                    "closed loop): overloaded polls serve for --closed-loop-share" if closed else
+                    "its clients leave connections idle again: overloaded polls serve for "
+                    "--wait-share", "" if self._switches == 1 else f" ({self._switches - 1} "
+                    "more switches since the last such line; bidder_worker_closed_loop follows "
+                    "every one)")
+                self._switches, self._switch_logged_at = 0, now
         return closed
 
     def _prefetched(self, queue: list) -> AbstractContextManager:

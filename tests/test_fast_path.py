@@ -153,6 +153,7 @@ def test_every_status_answers_alike(servers):
     admin = [exchange(s.admin_port, [metrics], 1)[0] for s in servers]
     assert [answer[0] for answer in admin] == [200, 200]
     assert b'bidder_worker_nobids_total{reason="deadline"}' in admin[0][2]
+    assert b"bidder_worker_closed_loop 0.0" in admin[0][2]  # no closed loop seen yet
     huge = post(b" " * 20000 + bid)  # over the limit with the slack: refused before the app
     assert same_answers(servers, [huge], 1)[0][0] == 413
     head = same_answers(servers, [b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"], 1)
