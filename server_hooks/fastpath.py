@@ -169,9 +169,9 @@ class FastPath:
         environ = head.environ.copy()
         size = head.length
         if value is not None:
-            if not value.isdigit() or len(value) > LENGTH_DIGITS or int(value) > self.body_limit:
-                return None  # as _parse_head would decide
-            size = int(value)
+            size = self._size(value)
+            if size is None:
+                return None  # as _parse_head decides
             environ["CONTENT_LENGTH"] = value.decode()
         total = end + 4 + size
         if len(data) < total:
@@ -207,11 +207,10 @@ class FastPath:
             if match[1] == b"POST":
                 return None  # a body without a length (chunked, or none at all)
             size = 0
-        elif length.isdigit() and length.isascii() and len(length) <= LENGTH_DIGITS \
-                and int(length) <= self.body_limit:
-            size = int(length)
         else:
-            return None  # the arrival check answers an invalid or oversized length
+            size = self._size(length)
+            if size is None:
+                return None  # the arrival check answers an invalid or oversized length
         target = match[2].decode()
         path, _, query = target.partition("?")
         http10 = match[3] == b"0"
@@ -228,6 +227,15 @@ class FastPath:
             connection = connection.lower()
             close = connection == "close" or (connection != "keep-alive" and http10)
         return Head(environ, size, close, http10)
+
+    def _size(self, length: str | bytes) -> int | None:
+        """The body size a ``Content-Length`` value gives: None unless ASCII digits within
+        the body limit."""
+        if length.isdigit() and length.isascii() and len(length) <= LENGTH_DIGITS:
+            size = int(length)
+            if size <= self.body_limit:
+                return size
+        return None
 
     def respond(self, request: Request, sock: Any, close: bool) -> Answer:
         """Call the app on ``request`` and frame its answer; ``close``: the connection closes
