@@ -506,8 +506,8 @@ class BalancedThreadWorker(ThreadWorker):
             peeked.append((arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
-        share = self._closed_loop_share if self._closed_loop(back_to_back, len(peeked)) \
-            else self._wait_share
+        share = self._closed_loop_share if self._deadline_paths \
+            and self._closed_loop(back_to_back, len(peeked)) else self._wait_share
         # Plan the poll's requests in arrival order: one that could only be answered past its
         # deadline, or past its share of this poll's serving time (now, plus the app's time
         # for each kept before it and for itself), is answered its no-bid at once, before any
