@@ -86,9 +86,13 @@ SERVICE_WEIGHT = 0.25
 # the client had it waiting (measured: 0-4 ms when every connection is kept busy, 10 ms and
 # more from an open loop with connections to spare). When at least BACK_TO_BACK_SHARE of the
 # requests a worker takes up in each window of BACK_TO_BACK_WINDOW_S come so for
-# CLOSED_LOOP_AFTER_S on end, the client is taken for a closed loop (see _closed_loop).
+# CLOSED_LOOP_AFTER_S on end, the client is taken for a closed loop (see _closed_loop), until
+# a window has fewer than BACK_TO_BACK_KEEP_SHARE so (a few replies the client was slow to
+# follow up, as on a busy machine, must not undo a second's evidence; an open loop with
+# connections to spare shows none back to back).
 BACK_TO_BACK_S = 0.005
 BACK_TO_BACK_SHARE = 0.9
+BACK_TO_BACK_KEEP_SHARE = 0.5
 BACK_TO_BACK_WINDOW_S = 0.1
 CLOSED_LOOP_AFTER_S = 1.0
 SWITCH_LOG_S = 60.0  # at most one log line a minute about those switches (the gauge has each)
@@ -553,7 +557,8 @@ class BalancedThreadWorker(ThreadWorker):
     def _closed_loop(self, back_to_back: int, taken: int) -> bool:
         """Whether the client keeps every connection busy, sending the next request as soon
         as it has an answer: true once at least BACK_TO_BACK_SHARE of the requests taken up in
-        every window of BACK_TO_BACK_WINDOW_S for CLOSED_LOOP_AFTER_S came back to back. Its
+        every window of BACK_TO_BACK_WINDOW_S for CLOSED_LOOP_AFTER_S came back to back, until
+        a window has fewer than BACK_TO_BACK_KEEP_SHARE so. Its
         overloaded polls may then serve for ``closed_loop_share`` of the time to the deadline
         instead of ``wait_share``: each quick no-bid only brings the next request at once, so
         fewer and longer polls answer as many bids with fewer no-bids. An open loop with
@@ -563,7 +568,8 @@ class BalancedThreadWorker(ThreadWorker):
         self._window_taken += taken
         now = self._ready_at
         if now >= self._window_end:
-            if self._window_back_to_back < self._window_taken * BACK_TO_BACK_SHARE:
+            needed = BACK_TO_BACK_KEEP_SHARE if self._in_closed_loop else BACK_TO_BACK_SHARE
+            if self._window_back_to_back < self._window_taken * needed:
                 self._back_to_back_since = math.inf
             elif self._back_to_back_since == math.inf and self._window_taken:
                 self._back_to_back_since = self._window_end - BACK_TO_BACK_WINDOW_S
