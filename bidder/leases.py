@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from time import monotonic
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -145,8 +146,12 @@ class BudgetLeases:
         self._open_ledger = open_ledger
         self._campaigns = {r.index: _Campaign(r) for r in rules}
         self._lock = threading.Lock()
-        # bid id -> (cost, the slots it holds, when it expires, campaign index)
-        self._reserved: dict[str, tuple[int, tuple[Slot, ...], float, int]] = {}
+        # bid id -> (cost, the slots it holds, when it expires, campaign index), oldest first:
+        # every reservation lives reservation_ttl_s, so that is also the order they expire in,
+        # and a refill finds the expired ones without looking at the others (a host bidding
+        # 2000 times a second without loss notices holds some 600,000)
+        self._reserved: OrderedDict[str, tuple[int, tuple[Slot, ...], float, int]] = \
+            OrderedDict()
         self.blocked = sum(1 << r.index for r in rules)  # nothing leased yet
         self.exhausted = 0  # of the blocked: those whose budget (not pacing) is used up
         self._wake = threading.Event()
@@ -311,14 +316,17 @@ class BudgetLeases:
                 if held is not None:
                     for slot in held[1]:
                         slot.pending -= held[0]
-            expired = [b for b, (_, _, until, _) in self._reserved.items()
-                       if until < time.monotonic()]
-            for bid_id in expired:
-                cost, slots, _, _ = self._reserved.pop(bid_id)
+            expired, now = 0, time.monotonic()
+            while self._reserved:
+                bid_id, (cost, slots, until, _) = next(iter(self._reserved.items()))
+                if until >= now:
+                    break
+                del self._reserved[bid_id]
                 for slot in slots:
                     slot.pending -= cost
+                expired += 1
         if expired:
-            metrics.RESERVATIONS_EXPIRED.inc(len(expired))
+            metrics.RESERVATIONS_EXPIRED.inc(expired)
 
     def _recompute_blocked(self, sync: Sync) -> None:
         blocked = exhausted = 0

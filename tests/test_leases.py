@@ -3,6 +3,7 @@ up to the even line plus the catch-up allowance, campaign-local days roll over a
 midnight, and several holders never reserve more than the budget together."""
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -72,3 +73,24 @@ def test_holders_together_never_reserve_more_than_a_lifetime_budget(tmp_path):
     fleet = holders(tmp_path, 4, Clock(), BudgetRule(0, "c1", 500_000, None))
     assert 500_000 - 4 * COST < reserve_all(fleet) <= 500_000
     assert all(h.exhausted & 1 for h in fleet)
+
+
+def test_reservations_expire_oldest_first_and_only_once_past_their_ttl(tmp_path):
+    """A refill frees the reservations past reservation_ttl_s (their notice never came) and
+    keeps the younger ones, whatever was released in between."""
+    spec = str(tmp_path / "ledger.sqlite3")
+    h = BudgetLeases([BudgetRule(0, "c1", 500_000, None)], lambda: open_ledger(spec), Clock(),
+                     Settings(reservation_ttl_s=0.3))
+    h.refill()
+    for bid_id in ("a", "b", "c"):
+        assert h.reserve(0, bid_id, COST)
+    assert h.release("b")  # its loss notice came
+    time.sleep(0.35)
+    assert h.reserve(0, "d", COST)
+    h.refill()
+    status = h.status()
+    assert status["reservations"] == 1
+    assert status["campaigns"]["c1"]["slots"]["total"]["reserved"] == COST  # d's alone
+    assert not h.release("a") and not h.release("c")  # expired: gone
+    assert h.release("d")
+    assert h.status()["campaigns"]["c1"]["slots"]["total"]["reserved"] == 0
