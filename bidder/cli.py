@@ -55,10 +55,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = load_command(name)
         parser_of = sub.add_parser(name, help=help_text, description=help_text,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
         module.add_arguments(parser_of)
         parser_of.set_defaults(run=module.run)
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless None: its help then says what it means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
