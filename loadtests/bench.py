@@ -49,6 +49,7 @@ STOCK_TARGET_RATIO = 1.0  # bidder / hello-world on stock Gunicorn
 BASELINE_TARGET = -0.30  # bidder's worker CPU per request against the baseline's
 SATURATED = 0.9  # generator CPU share of one core above which it is the bottleneck
 CAPACITY_STEP_S, CAPACITY_WARMUP_S = 3.0, 1.0  # each step of the capacity search
+DEFAULT_REPS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Unmeasured s before each run.")
     parser.add_argument("--connections", type=number(int, 1), default=32,
                         help="Keep-alive connections.")
-    parser.add_argument("--reps", type=number(int, 1), default=2,
-                        help="Closed-loop runs per app (interleaved).")
+    parser.add_argument("--reps", type=number(int, 1), default=None,
+                        help="Closed-loop runs per app, interleaved (default 2); with "
+                             "--overload, rounds of its four runs, pooled per run (default "
+                             f"{overload.DEFAULT_REPS}).")
     parser.add_argument("--serve", default="",
                         help="bidder serve options, the same for the bidder and hello-world.")
     parser.add_argument("--baseline", default="--no-fast-path",
@@ -129,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     traffic.Mix.parse(args.mix)  # a bad --mix fails now, not after starting servers
     if args.overload:
         return overload.run(args)
+    args.reps = args.reps or DEFAULT_REPS
     stock = stock_classes(args.stock)
     if args.capacity_budget > 0:  # 0 skips the search
         capacity.check_budget(args.capacity_budget, CAPACITY_WARMUP_S, CAPACITY_STEP_S)

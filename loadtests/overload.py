@@ -18,6 +18,12 @@ generator's 2 s timeout, or a broken connection). An exchange times a bidder out
 ``tmax`` and throttles one that answers late or not at all, so the verdict per overload
 run is: p99 <= tmax + 10 ms, nothing unanswered, and bids/s at least 0.7 of the normal
 run's. Writes ``overload.json`` and ``overload.png``.
+
+The four runs come in ``--reps`` rounds (3 by default), each round's open loop at twice its
+own normal rate, and each run's figures pool its rounds (answers over the time of all, p99
+of all latencies together). On a shared machine whose speed drifts by a sixth within a
+minute, one normal run at the start made a poor yardstick for the runs half a minute later:
+the bid shares of single rounds are listed too, to show that spread.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from loadtests.memcached_proc import EmbeddedMemcached
-from loadtests import openloop, stack, traffic
+from loadtests import openloop, stack, stats, traffic
 
 CONNECTIONS_PER_WORKER = 4  # the normal load
 LEVELS = (("normal", 1), ("4x", 4), ("32x", 32))  # closed loops: connection multiples
@@ -38,6 +44,7 @@ OPEN_FACTOR = 2.0  # the open loop offers this multiple of the normal run's answ
 DEFAULT_MIX = "no_tmax=0,tmax_ms=50"  # every request carries the same tmax
 P99_ALLOWANCE_MS = 10.0  # p99 may exceed tmax by this much (network, client)
 MIN_BID_SHARE = 0.7  # bids/s under overload, relative to the normal run
+DEFAULT_REPS = 3  # rounds of the four runs
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,35 @@ class Level:
     other_statuses: int  # answered, but neither 200 nor 204
     sent: int
     generator_utilisation: float
+
+
+def pooled(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's generator results over several rounds as if they were one result: counts
+    summed, rates over the time of all, latencies merged."""
+    def summed(key: str) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for load in loads:
+            for k, v in load[key].items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    elapsed = sum(load["elapsed_s"] for load in loads)
+    offered = [load["offered_rps"] for load in loads if load["offered_rps"]]
+    histogram = stats.merge([stats.decode(load["histogram"]) for load in loads])
+    return {"mode": loads[0]["mode"], "elapsed_s": elapsed,
+            "offered_rps": sum(offered) / len(offered) if offered else None,
+            "achieved_rps": sum(load["achieved_rps"] * load["elapsed_s"] for load in loads)
+            / (elapsed or 1.0),
+            "statuses": summed("statuses"), "errors": summed("errors"),
+            "failed": sum(load["failed"] for load in loads),
+            "sent": sum(load["sent"] for load in loads),
+            "latency": stats.summary_ms(histogram),
+            "generator_utilisation": sum(load["generator_utilisation"] for load in loads)
+            / len(loads)}
+
+
+def bids_per_s(load: dict[str, Any]) -> float:
+    return load["statuses"].get("200", 0) / (load["elapsed_s"] or 1.0)
 
 
 def level_of(name: str, connections: int, load: dict[str, Any]) -> Level:
@@ -103,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(logs, exist_ok=True)
     placement = stack.Placement.plan()
     stack.log(f"placement: {placement.note}")
-    levels: list[Level] = []
+    reps = args.reps or DEFAULT_REPS
     gen_out = os.path.join(logs, "overload-generator.json")
     with EmbeddedMemcached(unix_socket=args.unix_memcached) as memcached:
         placement.confine_helper(memcached.process.pid)
@@ -118,20 +154,27 @@ def run(args: argparse.Namespace) -> int:
                        engine="raw")
             plan = [(name, base * k, False) for name, k in LEVELS]
             plan.append(("open 2x", base * LEVELS[-1][1], True))
-            for name, connections, open_loop in plan:
-                # the open loop offers twice what the normal run answered
-                rate = OPEN_FACTOR * levels[0].answered_rps if open_loop else None
-                stack.log(f"overload {name}: {connections} connections"
-                          + (f", open loop at {rate:.0f}/s" if rate else ", closed loop"))
-                argv = openloop.command(server.url, args.duration, rate, connections, gen_out,
-                                        warmup_s=args.warmup, **gen)
-                load = openloop.run_process(argv, gen_out, args.duration + args.warmup + 90)
-                levels.append(level_of(name, connections, load))
-                last = levels[-1]
-                stack.log(f"  {last.bids_per_s:.0f} bids/s, {last.nobids_per_s:.0f} no-bids/s, "
-                          f"p99 {last.p99_ms:.1f} ms, {last.unanswered} unanswered")
-                time.sleep(0.5)  # let queues drain before the next run
-    doc = summarise(levels, tmax_ms, args)
+            loads: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in plan}
+            for rep in range(1, reps + 1):
+                for name, connections, open_loop in plan:
+                    # the open loop offers twice what this round's normal run answered
+                    rate = OPEN_FACTOR * loads["normal"][-1]["achieved_rps"] if open_loop \
+                        else None
+                    stack.log(f"overload {name}, round {rep}/{reps}: {connections} connections"
+                              + (f", open loop at {rate:.0f}/s" if rate else ", closed loop"))
+                    argv = openloop.command(server.url, args.duration, rate, connections,
+                                            gen_out, warmup_s=args.warmup, **gen)
+                    load = openloop.run_process(argv, gen_out, args.duration + args.warmup + 90)
+                    loads[name].append(load)
+                    last = level_of(name, connections, load)
+                    stack.log(f"  {last.bids_per_s:.0f} bids/s, {last.nobids_per_s:.0f} "
+                              f"no-bids/s, p99 {last.p99_ms:.1f} ms, {last.unanswered} "
+                              "unanswered")
+                    time.sleep(0.5)  # let queues drain before the next run
+    levels = [level_of(name, connections, pooled(loads[name])) for name, connections, _ in plan]
+    shares = {name: [bids_per_s(load) / (bids_per_s(normal) or 1.0)
+                     for load, normal in zip(loads[name], loads["normal"])] for name in loads}
+    doc = summarise(levels, shares, tmax_ms, args)
     with open(os.path.join(out, "overload.json"), "w") as f:
         json.dump(doc, f, indent=2)
     plot(doc, os.path.join(out, "overload.png"))
@@ -140,22 +183,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise(levels: list[Level], tmax_ms: float, args: argparse.Namespace) -> dict[str, Any]:
+def summarise(levels: list[Level], shares: dict[str, list[float]], tmax_ms: float,
+              args: argparse.Namespace) -> dict[str, Any]:
     normal = levels[0]
     rows = []
     for level in levels:
         ok, why = verdict(level, normal, tmax_ms) if level is not normal else (True, "")
         rows.append({**asdict(level), "bid_share_of_normal":
                      level.bids_per_s / normal.bids_per_s if normal.bids_per_s else 0.0,
-                     "passed": ok, "why": why})
+                     "bid_share_by_round": shares[level.name], "passed": ok, "why": why})
     return {"serve": args.serve, "tmax_ms": tmax_ms, "duration_s": args.duration,
+            "rounds": len(shares["normal"]),
             "p99_allowance_ms": P99_ALLOWANCE_MS, "min_bid_share": MIN_BID_SHARE,
             "levels": rows, "passed": all(r["passed"] for r in rows)}
 
 
 def table(doc: dict[str, Any]) -> str:
     lines = [f"overload: bidder serve {doc['serve'] or '(defaults)'}, tmax {doc['tmax_ms']:g} ms, "
-             f"{doc['duration_s']:g} s per run",
+             f"{doc['rounds']} rounds of {doc['duration_s']:g} s per run, pooled",
              f"{'run':<8} {'conns':>5} {'offered/s':>9} {'bids/s':>8} {'no-bids/s':>9} "
              f"{'bids/normal':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'unanswered':>10}"
              "  verdict"]
@@ -167,6 +212,9 @@ def table(doc: dict[str, Any]) -> str:
                      f"{r['nobids_per_s']:9.0f} {r['bid_share_of_normal']:11.2f} "
                      f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.1f} "
                      f"{r['unanswered']:>10}  {verdict_text}")
+    lines.append("bids/normal of single rounds: " + "; ".join(
+        f"{r['name']} " + " ".join(f"{x:.2f}" for x in r["bid_share_by_round"])
+        for r in doc["levels"][1:]))
     lines.append(f"an exchange keeps a bidder whose p99 <= tmax + {doc['p99_allowance_ms']:g} ms, "
                  f"that leaves nothing unanswered and whose bids/s stay >= "
                  f"{doc['min_bid_share']:g} of normal: {'yes' if doc['passed'] else 'NO'}")
