@@ -172,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
                               "unanswered")
                     time.sleep(0.5)  # let queues drain before the next run
     levels = [level_of(name, connections, pooled(loads[name])) for name, connections, _ in plan]
-    shares = {name: [bids_per_s(load) / (bids_per_s(normal) or 1.0)
+    rounds = {name: [(bids_per_s(load) / (bids_per_s(normal) or 1.0), load["latency"]["p99_ms"])
                      for load, normal in zip(loads[name], loads["normal"])] for name in loads}
-    doc = summarise(levels, shares, tmax_ms, args)
+    doc = summarise(levels, rounds, tmax_ms, args)
     with open(os.path.join(out, "overload.json"), "w") as f:
         json.dump(doc, f, indent=2)
     plot(doc, os.path.join(out, "overload.png"))
@@ -183,17 +183,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise(levels: list[Level], shares: dict[str, list[float]], tmax_ms: float,
-              args: argparse.Namespace) -> dict[str, Any]:
+def summarise(levels: list[Level], rounds: dict[str, list[tuple[float, float]]],
+              tmax_ms: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The report: each run pooled over its rounds, with its verdict, and every round's bid
+    share and p99 (``rounds``: run name -> (bids/normal, p99 ms) per round)."""
     normal = levels[0]
     rows = []
     for level in levels:
         ok, why = verdict(level, normal, tmax_ms) if level is not normal else (True, "")
         rows.append({**asdict(level), "bid_share_of_normal":
                      level.bids_per_s / normal.bids_per_s if normal.bids_per_s else 0.0,
-                     "bid_share_by_round": shares[level.name], "passed": ok, "why": why})
+                     "bid_share_by_round": [share for share, _ in rounds[level.name]],
+                     "p99_ms_by_round": [p99 for _, p99 in rounds[level.name]],
+                     "passed": ok, "why": why})
     return {"serve": args.serve, "tmax_ms": tmax_ms, "duration_s": args.duration,
-            "rounds": len(shares["normal"]),
+            "rounds": len(rounds["normal"]),
             "p99_allowance_ms": P99_ALLOWANCE_MS, "min_bid_share": MIN_BID_SHARE,
             "levels": rows, "passed": all(r["passed"] for r in rows)}
 
@@ -212,8 +216,9 @@ def table(doc: dict[str, Any]) -> str:
                      f"{r['nobids_per_s']:9.0f} {r['bid_share_of_normal']:11.2f} "
                      f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.1f} "
                      f"{r['unanswered']:>10}  {verdict_text}")
-    lines.append("bids/normal of single rounds: " + "; ".join(
-        f"{r['name']} " + " ".join(f"{x:.2f}" for x in r["bid_share_by_round"])
+    lines.append("single rounds, bids/normal (p99 ms): " + "; ".join(
+        f"{r['name']} " + " ".join(f"{share:.2f} ({p99:.0f})" for share, p99 in
+                                   zip(r["bid_share_by_round"], r["p99_ms_by_round"]))
         for r in doc["levels"][1:]))
     lines.append(f"an exchange keeps a bidder whose p99 <= tmax + {doc['p99_allowance_ms']:g} ms, "
                  f"that leaves nothing unanswered and whose bids/s stay >= "

@@ -201,8 +201,9 @@ def test_bench_overload_reports_bids_nobids_p99_and_unanswered(tmp_path):
         assert r["bids_per_s"] + r["nobids_per_s"] > 0 and r["unanswered"] >= 0
         assert r["p99_ms"] >= r["p50_ms"] > 0
         assert len(r["bid_share_by_round"]) == 2 and all(x > 0 for x in r["bid_share_by_round"])
+        assert len(r["p99_ms_by_round"]) == 2 and max(r["p99_ms_by_round"]) >= r["p99_ms"] * 0.99
     assert levels["normal"]["bid_share_by_round"] == [1.0, 1.0]
-    assert "bids/normal of single rounds: 4x " in proc.stdout
+    assert "single rounds, bids/normal (p99 ms): 4x " in proc.stdout
     assert doc["tmax_ms"] == 50 and "unanswered" in proc.stdout
     assert (tmp_path / "overload.png").stat().st_size > 0
 
