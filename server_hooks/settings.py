@@ -59,11 +59,18 @@ def number(kind: type, minimum: float, exclusive: bool = False,
     return parse
 
 
-def optional_positive(text: str) -> float | None:
-    """A number more than 0, or none/off/empty for None."""
-    if text.strip().lower() in ("", "none", "off"):
-        return None
-    return number(float, 0.0, exclusive=True)(text)
+def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, or None for none/off/empty."""
+    def parse_optional(text: str) -> Any:
+        if text.strip().lower() in ("", "none", "off"):
+            return None
+        return parse(text)
+
+    parse_optional.__name__ = parse.__name__
+    return parse_optional
+
+
+optional_positive = optional(number(float, 0.0, exclusive=True))  # a number more than 0, or None
 
 
 @dataclass(frozen=True)
@@ -109,13 +116,16 @@ SETTINGS: tuple[Setting, ...] = (
             "followed at once by the next request. 1: only requests that would miss their "
             "deadline. docs/tuning.md (Overload) gives the measurements behind the default.",
             type=number(float, 0.0, exclusive=True, maximum=1.0)),
-    Setting("closed_loop_share", "--closed-loop-share", 0.5,
-            "The --wait-share used instead while the client keeps every connection busy, each "
-            "next request coming as soon as the answer before it (for a second on end): quick "
-            "no-bids then only bring the next request at once, and longer polls make more "
-            "bids with fewer no-bids. An open loop with connections to spare keeps "
-            "--wait-share. docs/tuning.md (Overload) gives the measurements behind it.",
-            type=number(float, 0.0, exclusive=True, maximum=1.0)),
+    Setting("closed_loop_share", "--closed-loop-share", None,
+            "A --wait-share used instead while the client keeps every connection busy, each "
+            "next request coming as soon as the answer before it (for a second on end); off "
+            "(the default): --wait-share whatever the client does. Against a closed loop (a "
+            "fixed number of requests in flight, as wrk sends) longer polls make more bids "
+            "with fewer no-bids. But an exchange whose pool of connections has run dry looks "
+            "the same, and longer polls then answer fewer requests than it sends: its queue "
+            "grows without bound (p99 0.5-0.65 s at twice capacity with 0.5). docs/tuning.md "
+            "(Overload) gives the measurements.",
+            type=optional(number(float, 0.0, exclusive=True, maximum=1.0)), metavar="SHARE"),
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.",
             type=number(int, 1)),

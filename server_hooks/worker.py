@@ -122,6 +122,8 @@ class BalancedThreadWorker(ThreadWorker):
     _service_s = 0.0  # moving average of the wall time per such request served
     _prefetch = None  # the app's prefetch(environs) context, if it has one (fast path)
     _shed_counts: dict[str, int]  # fast path: quick no-bids of this poll, by reason
+    _wait_share = 1.0  # --wait-share (with deadline paths)
+    _closed_loop_share: float | None = None  # --closed-loop-share (idem): None, off
     _back_to_back_since = math.inf  # since when (nearly) every request came back to back
     _window_end = 0.0  # end of the current window of requests counted for _closed_loop
     _window_back_to_back = 0  # in it: requests that came back to back
@@ -221,7 +223,7 @@ class BalancedThreadWorker(ThreadWorker):
         self._default_tmax_s = tmax_ms / 1000.0
         self._margin_s = margin_ms / 1000.0
         self._wait_share = getattr(settings, "wait_share", 1.0)
-        self._closed_loop_share = getattr(settings, "closed_loop_share", self._wait_share)
+        self._closed_loop_share = getattr(settings, "closed_loop_share", None)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         if enabled and not self._balancer.may_accept(self._conns):
@@ -510,7 +512,7 @@ class BalancedThreadWorker(ThreadWorker):
             peeked.append((arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
-        share = self._closed_loop_share if self._deadline_paths \
+        share = self._closed_loop_share if self._closed_loop_share is not None \
             and self._closed_loop(back_to_back, len(peeked)) else self._wait_share
         # Plan the poll's requests in arrival order: one that could only be answered past its
         # deadline, or past its share of this poll's serving time (now, plus the app's time
@@ -562,8 +564,8 @@ class BalancedThreadWorker(ThreadWorker):
         overloaded polls may then serve for ``closed_loop_share`` of the time to the deadline
         instead of ``wait_share``: each quick no-bid only brings the next request at once, so
         fewer and longer polls answer as many bids with fewer no-bids. An open loop with
-        connections to spare never looks so. One whose pool ran dry does, but the shorter
-        polls drain a passing backlog well within the second (docs/tuning.md)."""
+        connections to spare never looks so. One whose pool ran dry does, and the longer
+        polls then keep it dry: hence off unless set (docs/tuning.md)."""
         self._window_back_to_back += back_to_back
         self._window_taken += taken
         now = self._ready_at

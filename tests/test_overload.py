@@ -205,3 +205,18 @@ def test_a_closed_loop_gets_longer_polls_and_more_bids(tmp_path):
     early, late = bid_share(closed, 0.0, 0.8), bid_share(closed, engaged[0] + 0.2, engaged[0] + 1.2)
     assert early < 0.25 and late > 0.3 and late > 2 * early, (early, late)
     assert bid_share(paced, 0.8, 1.6) < 0.4
+
+
+def test_without_a_closed_loop_share_back_to_back_clients_keep_the_short_polls(tmp_path):
+    """The default: an exchange whose pool has run dry sends back to back too, and longer
+    polls would answer it fewer requests than it sends; so the worker does not switch."""
+    srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
+                        "--deadline-paths", "/bid", "--wait-share", "0.1", "--fast-path")
+    try:
+        answers = _keep_busy(srv, 8, 0.0, lambda elapsed: elapsed > 2.6)
+        assert "a closed loop" not in srv.log()
+    finally:
+        srv.stop()
+    late = [status for at, status in answers if at >= 1.4]  # past the second it would take
+    assert late and set(late) <= {200, 204}
+    assert late.count(200) / len(late) < 0.25, late.count(200) / len(late)

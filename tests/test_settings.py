@@ -27,6 +27,19 @@ def test_command_line_beats_environment_beats_default():
     assert s.bind == "127.0.0.1:8080" and s.max_body_bytes == 64 * 1024
 
 
+def test_the_closed_loop_share_is_off_unless_set_and_a_share_when_set():
+    assert settings.resolve(parse([]), environ={}).closed_loop_share is None
+    assert settings.resolve(parse(["--closed-loop-share", "0.5"]), environ={}) \
+        .closed_loop_share == 0.5
+    assert settings.resolve(parse(["--closed-loop-share", "off"]), environ={}) \
+        .closed_loop_share is None
+    env = {"BIDDER_CLOSED_LOOP_SHARE": "0.6"}
+    assert settings.resolve(parse([]), environ=env).closed_loop_share == 0.6
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit):
+            parse(["--closed-loop-share", bad])
+
+
 def test_every_setting_has_a_flag_an_environment_variable_and_a_doc():
     names = [s.name for s in settings.SETTINGS]
     assert len(names) == len(set(names))
