@@ -92,10 +92,6 @@ def pooled(loads: list[dict[str, Any]]) -> dict[str, Any]:
             / len(loads)}
 
 
-def bids_per_s(load: dict[str, Any]) -> float:
-    return load["statuses"].get("200", 0) / (load["elapsed_s"] or 1.0)
-
-
 def level_of(name: str, connections: int, load: dict[str, Any]) -> Level:
     elapsed = load["elapsed_s"] or 1.0
     statuses = load["statuses"]
@@ -107,6 +103,11 @@ def level_of(name: str, connections: int, load: dict[str, Any]) -> Level:
                  load["failed"] - unanswered, load["sent"], load["generator_utilisation"])
 
 
+def bid_share(level: Level, normal: Level) -> float:
+    """Bids/s of ``level`` as a share of the normal run's."""
+    return level.bids_per_s / normal.bids_per_s if normal.bids_per_s else 0.0
+
+
 def verdict(level: Level, normal: Level, tmax_ms: float) -> tuple[bool, str]:
     """Whether an exchange would keep this bidder at ``level``, and why not."""
     why = []
@@ -116,7 +117,7 @@ def verdict(level: Level, normal: Level, tmax_ms: float) -> tuple[bool, str]:
         why.append(f"{level.unanswered} unanswered")
     if level.other_statuses:
         why.append(f"{level.other_statuses} answers neither 200 nor 204")
-    share = level.bids_per_s / normal.bids_per_s if normal.bids_per_s else 0.0
+    share = bid_share(level, normal)
     if share < MIN_BID_SHARE:
         why.append(f"bids/s {share:.2f} of normal < {MIN_BID_SHARE:g}")
     return not why, "; ".join(why)
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
                               "unanswered")
                     time.sleep(0.5)  # let queues drain before the next run
     levels = [level_of(name, connections, pooled(loads[name])) for name, connections, _ in plan]
-    rounds = {name: [(bids_per_s(load) / (bids_per_s(normal) or 1.0), load["latency"]["p99_ms"])
+    rounds = {name: [(bid_share(level_of(name, 0, load), level_of("normal", 0, normal)),
+                      load["latency"]["p99_ms"])
                      for load, normal in zip(loads[name], loads["normal"])] for name in loads}
     doc = summarise(levels, rounds, tmax_ms, args)
     with open(os.path.join(out, "overload.json"), "w") as f:
@@ -191,8 +193,7 @@ def summarise(levels: list[Level], rounds: dict[str, list[tuple[float, float]]],
     rows = []
     for level in levels:
         ok, why = verdict(level, normal, tmax_ms) if level is not normal else (True, "")
-        rows.append({**asdict(level), "bid_share_of_normal":
-                     level.bids_per_s / normal.bids_per_s if normal.bids_per_s else 0.0,
+        rows.append({**asdict(level), "bid_share_of_normal": bid_share(level, normal),
                      "bid_share_by_round": [share for share, _ in rounds[level.name]],
                      "p99_ms_by_round": [p99 for _, p99 in rounds[level.name]],
                      "passed": ok, "why": why})
