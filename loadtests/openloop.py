@@ -44,7 +44,7 @@ class Result:
     statuses: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     histogram: Any = field(default_factory=stats.new_histogram)
-    late_starts: int = 0  # open loop: requests that left > 1 ms after their intended time
+    late_starts: int = 0  # open loop: requests that left late (> 1 ms; raw engine: > LATE_S)
     cpu_s: float = 0.0  # this generator's own CPU time while measuring: is it the bottleneck?
 
     @property

@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 
 RECV_BYTES = 65536
 CHECK_TIMEOUTS_S = 0.05  # how often requests are checked against the timeout
+# An open loop wakes at most this often: it sleeps out the rest of the quantum, then sends
+# what is due and reads what came. Latency still counts from each request's intended send
+# time, so what the quantum adds (at most 1 ms, to a send or to noting an answer) is charged
+# to the server, not hidden. Waking for every request and every answer (20,000 times a
+# second at 10,000 requests/s) cost the generator 0.30-0.32 of a CPU against 0.18-0.23 with
+# the quantum, on a machine where it shares the server's 2 CPUs.
+SEND_QUANTUM_S = 0.001
+LATE_S = SEND_QUANTUM_S + 0.001  # a request leaving later than this after its time is late
 
 
 class Connection:
@@ -201,7 +209,7 @@ def generate_load(url: str, requests: Sequence[traffic.BidRequest], duration_s: 
 
     def open_phase(seconds: float, result: Result | None) -> None:
         waiting: deque[float] = deque()  # intended send times of requests with no connection
-        t0 = clock()
+        t0 = woke = clock()
         total = int(seconds * rate)
         i = 0
 
@@ -216,12 +224,16 @@ def generate_load(url: str, requests: Sequence[traffic.BidRequest], duration_s: 
                 waiting.append(intended)
                 if result is not None:
                     result.sent += 1
-                    result.late_starts += now - intended > 0.001
+                    result.late_starts += now - intended > LATE_S
                 i += 1
             dispatch()
             if i >= total:
                 break
+            rest = woke + SEND_QUANTUM_S - clock()
+            if rest > 0:
+                time.sleep(rest)
             engine.poll(max(0.0, t0 + i / rate - clock()), dispatch)
+            woke = clock()
         if result is not None:
             result.elapsed_s = clock() - t0
         drain_until = clock() + drain_s
