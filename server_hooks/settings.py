@@ -59,11 +59,22 @@ def number(kind: type, minimum: float, exclusive: bool = False,
     return parse
 
 
+class Off:
+    """What an optional setting given as none/off/empty parses to. Unlike None (not given) it
+    overrides the environment and the default; ``resolve`` turns it into None."""
+
+    def __repr__(self) -> str:
+        return "off"
+
+
+OFF = Off()
+
+
 def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``parse``, or None for none/off/empty."""
+    """``parse``, or OFF for none/off/empty."""
     def parse_optional(text: str) -> Any:
         if text.strip().lower() in ("", "none", "off"):
-            return None
+            return OFF
         return parse(text)
 
     parse_optional.__name__ = parse.__name__
@@ -192,6 +203,6 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
                 value = boolean(raw) if s.boolean else s.type(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise SystemExit(f"bidder: {s.env}={raw!r} is not valid for {s.flag}: {exc}")
-        values[s.name] = s.default if value is None else value
-    values.update(overrides)
+        values[s.name] = s.default if value is None else None if value is OFF else value
+    values.update({name: None if value is OFF else value for name, value in overrides.items()})
     return Settings(values)

@@ -128,3 +128,21 @@ def test_admin_listener_on_a_taken_or_the_bid_port_is_refused_naming_the_flag():
     assert done.returncode != 0 and "has the port of --bind" in done.stderr, done.stderr
     done = bidder("serve", "--admin-bind", "9100")
     assert done.returncode != 0 and "expected HOST:PORT" in done.stderr, done.stderr
+
+
+def test_off_for_an_optional_setting_beats_the_levels_below_it(tmp_path):
+    """"off" in a file, or as a flag, unsets what a lower level (default, file, environment)
+    would have set."""
+    path = tmp_path / "bidder.toml"
+    path.write_text('slice_ms = "off"\nclosed_loop_share = 0.6\n')
+    done = bidder("config", "show", "--json", "--config", str(path), "--closed-loop-share", "off",
+                  env={"BIDDER_WAIT_SHARE": "0.2"})
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["slice_ms"]["source"] == f"file {path}" and shown["slice_ms"]["value"] is None
+    assert shown["closed_loop_share"] == {"value": None, "source": "flag"}
+    done = bidder("config", "show", "--json", "--config", str(path),
+                  env={"BIDDER_SLICE_MS": "10"})
+    shown = json.loads(done.stdout)
+    assert shown["slice_ms"] == {"value": 10.0, "source": "env"}
+    assert shown["closed_loop_share"] == {"value": 0.6, "source": f"file {path}"}

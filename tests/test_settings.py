@@ -31,10 +31,12 @@ def test_the_closed_loop_share_is_off_unless_set_and_a_share_when_set():
     assert settings.resolve(parse([]), environ={}).closed_loop_share is None
     assert settings.resolve(parse(["--closed-loop-share", "0.5"]), environ={}) \
         .closed_loop_share == 0.5
-    assert settings.resolve(parse(["--closed-loop-share", "off"]), environ={}) \
-        .closed_loop_share is None
-    env = {"BIDDER_CLOSED_LOOP_SHARE": "0.6"}
+    env = {"BIDDER_CLOSED_LOOP_SHARE": "0.6", "BIDDER_SLICE_MS": "10"}
     assert settings.resolve(parse([]), environ=env).closed_loop_share == 0.6
+    # "off" on the command line beats a value in the environment
+    s = settings.resolve(parse(["--closed-loop-share", "off", "--slice-ms", "off"]), environ=env)
+    assert s.closed_loop_share is None and s.slice_ms is None
+    assert settings.resolve(parse([]), environ={"BIDDER_SLICE_MS": "off"}).slice_ms is None
     for bad in ("0", "1.5", "half"):
         with pytest.raises(SystemExit):
             parse(["--closed-loop-share", bad])
