@@ -41,6 +41,7 @@ from bidder.openrtb import BidRequest, InvalidRequest, decode, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
+from server_hooks.framing import InflatesTooLarge, gunzip
 
 log = logging.getLogger("bidder.app")
 faults = FaultLog(log)  # bad requests and bid-path bugs: a line an interval, with the count
@@ -266,23 +267,13 @@ class BidResource:
                                        "systems is UTF-8 (RFC 8259 8.1); send it as UTF-8")
 
     def _gunzip(self, data: bytes) -> bytes:
-        """Inflate every member of a gzip body (RFC 1952: a gzip file is a series of members),
-        each whole with its CRC trailer, the total capped at the body limit."""
-        body = b""
-        while data:
-            inflater = zlib.decompressobj(wbits=31)
-            try:
-                body += inflater.decompress(data, self.max_body + 1 - len(body))
-            except zlib.error as exc:
-                raise BadRequest(f"Content-Encoding is gzip but the body does not inflate: {exc}")
-            if len(body) > self.max_body or inflater.unconsumed_tail:
-                raise PayloadTooLarge(
-                    f"body inflates to more than the {self.max_body}-byte limit")
-            if not inflater.eof:
-                raise BadRequest("Content-Encoding is gzip but the body is truncated: a gzip "
-                                 "member ends without its trailer")
-            data = inflater.unused_data
-        return body
+        """The inflated body (``framing.gunzip``), or why not as a 400 or 413."""
+        try:
+            return gunzip(data, self.max_body)
+        except InflatesTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from None
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
 
 
 @lru_cache(maxsize=256)

@@ -22,6 +22,7 @@ import re
 import socket
 import struct
 import time
+import zlib
 from enum import IntEnum
 
 # Linux: receive timestamps (struct timespec, CLOCK_REALTIME) of the bytes at the head of a
@@ -164,6 +165,30 @@ def kernel_arrival(ancillary: list) -> float | None:
 # "tmax" as a member name: inside a JSON string a quote is escaped, so these bytes can only be
 # a key (of the BidRequest, or of some object in it: hence the largest of them is taken).
 _TMAX = re.compile(rb'"tmax"[ \t\r\n]*:[ \t\r\n]*(\d{1,9})(?![\d.eE])')
+
+
+class InflatesTooLarge(ValueError):
+    """A gzip body that inflates past the body limit."""
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """Inflate every member of a gzip body (RFC 1952: a gzip file is a series of members),
+    each whole with its CRC trailer, the total capped at ``limit``. ValueError says why one
+    does not inflate (InflatesTooLarge: past the limit)."""
+    body = b""
+    while data:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            body += inflater.decompress(data, limit + 1 - len(body))
+        except zlib.error as exc:
+            raise ValueError(f"Content-Encoding is gzip but the body does not inflate: {exc}")
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise InflatesTooLarge(f"body inflates to more than the {limit}-byte limit")
+        if not inflater.eof:
+            raise ValueError("Content-Encoding is gzip but the body is truncated: a gzip "
+                             "member ends without its trailer")
+        data = inflater.unused_data
+    return body
 
 
 def peek_tmax(body: bytes) -> int | None:
