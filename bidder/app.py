@@ -41,7 +41,7 @@ from bidder.openrtb import BidRequest, InvalidRequest, decode, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
 from server_hooks.environ import READY_AT
-from server_hooks.framing import InflatesTooLarge, gunzip
+from server_hooks.framing import GZIP_CODINGS, InflatesTooLarge, gunzip
 
 log = logging.getLogger("bidder.app")
 faults = FaultLog(log)  # bad requests and bid-path bugs: a line an interval, with the count
@@ -237,7 +237,7 @@ class BidResource:
         if len(body) > self.max_body:
             raise PayloadTooLarge(f"body is over the {self.max_body}-byte limit")
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
-        if encoding in ("gzip", "x-gzip"):  # RFC 9110 8.4.1.3: x-gzip is gzip
+        if encoding in GZIP_CODINGS:
             body = self._gunzip(body)
         elif encoding != "identity":
             raise UnsupportedMediaType(
@@ -289,7 +289,7 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
             allowed = float(param[2:]) > 0 if param.startswith("q=") else True
         except ValueError:
             allowed = True
-        if coding in ("gzip", "x-gzip"):
+        if coding in GZIP_CODINGS:
             return allowed
         if coding == "*":
             star = allowed

@@ -167,6 +167,9 @@ def kernel_arrival(ancillary: list) -> float | None:
 _TMAX = re.compile(rb'"tmax"[ \t\r\n]*:[ \t\r\n]*(\d{1,9})(?![\d.eE])')
 
 
+GZIP_CODINGS = ("gzip", "x-gzip")  # RFC 9110 8.4.1.3: x-gzip is gzip
+
+
 class InflatesTooLarge(ValueError):
     """A gzip body that inflates past the body limit."""
 

@@ -53,7 +53,7 @@ from server_hooks.environ import READY_AT
 from server_hooks.fastpath import FastPath, Request
 from server_hooks.framing import (ARRIVAL_S, CONTINUE_100, REFUSALS, REFUSED_STATUS,
                                   SO_TIMESTAMPNS, TIMEOUT_408, TIMESTAMP_SPACE, Arrival, arrival,
-                                  gunzip, kernel_arrival, peek_tmax)
+                                  GZIP_CODINGS, gunzip, kernel_arrival, peek_tmax)
 from server_hooks.slots import ConnectionBoard
 
 # Kernel send/receive timeouts of a client socket: a backstop, as a request is handled only
@@ -649,7 +649,7 @@ class BalancedThreadWorker(ThreadWorker):
         environ = request.environ
         body = environ["wsgi.input"].getvalue()
         encoding = environ.get("HTTP_CONTENT_ENCODING", "identity").lower()
-        if encoding in ("gzip", "x-gzip"):
+        if encoding in GZIP_CODINGS:
             try:
                 body = gunzip(body, self._max_body)
             except ValueError:
