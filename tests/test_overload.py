@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.rawload import answer_of
 from server_hooks.framing import peek_tmax
 from tests.conftest import launch_server
 from tests.test_fast_path import read_answer
@@ -158,18 +159,12 @@ def _keep_busy(server, connections: int, pause_s: float, stop) -> list[tuple]:
                 for key, _ in selector.select(0.001 if due else 0.1):
                     sock = key.fileobj
                     buffers[sock] += sock.recv(65536)
-                    head, found, rest = buffers[sock].partition(b"\r\n\r\n")
-                    if not found:
-                        continue
-                    length = 0
-                    for line in head.split(b"\r\n")[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            length = int(value)
-                    if len(rest) < length:
-                        continue
-                    buffers[sock] = rest[length:]
-                    answers.append((time.monotonic() - started, int(head[9:12])))
+                    answer = answer_of(buffers[sock])
+                    if answer is None:
+                        continue  # not whole yet
+                    status, size, _ = answer
+                    buffers[sock] = buffers[sock][size:]
+                    answers.append((time.monotonic() - started, status))
                     if pause_s:
                         due[sock] = time.monotonic() + pause_s
                     else:
