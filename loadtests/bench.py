@@ -60,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=number(int, 1), default=32,
                         help="Keep-alive connections.")
     parser.add_argument("--reps", type=number(int, 1), default=None,
-                        help="Closed-loop runs per app, interleaved (default 2); with "
-                             "--overload, rounds of its four runs, pooled per run (default "
-                             f"{overload.DEFAULT_REPS}).")
+                        help=f"Closed-loop runs per app, interleaved (default {DEFAULT_REPS}); "
+                             "with --overload, rounds of its four runs, pooled per run "
+                             f"(default {overload.DEFAULT_REPS}).")
     parser.add_argument("--serve", default="",
                         help="bidder serve options, the same for the bidder and hello-world.")
     parser.add_argument("--baseline", default="--no-fast-path",
