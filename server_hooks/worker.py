@@ -492,6 +492,7 @@ class BalancedThreadWorker(ThreadWorker):
         """Serve the connections this poll found readable, oldest request first."""
         ready, self._ready = self._ready, []
         peeked = []
+        tracking = self._closed_loop_share is not None  # else back-to-back requests don't matter
         back_to_back = 0
         for conn in ready:
             try:
@@ -508,12 +509,12 @@ class BalancedThreadWorker(ThreadWorker):
             arrived = kernel_arrival(ancillary)
             if arrived is None:
                 arrived = self._ready_at
-            elif arrived - conn.answered_at < BACK_TO_BACK_S:
+            elif tracking and arrived - conn.answered_at < BACK_TO_BACK_S:
                 back_to_back += 1
             peeked.append((arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
-        share = self._closed_loop_share if self._closed_loop_share is not None \
+        share = self._closed_loop_share if tracking \
             and self._closed_loop(back_to_back, len(peeked)) else self._wait_share
         # Plan the poll's requests in arrival order: one that could only be answered past its
         # deadline, or past its share of this poll's serving time (now, plus the app's time
