@@ -517,10 +517,12 @@ class BalancedThreadWorker(ThreadWorker):
         share = self._closed_loop_share if tracking \
             and self._closed_loop(back_to_back, len(peeked)) else self._wait_share
         # Plan the poll's requests in arrival order: one that could only be answered past its
-        # deadline, or past its share of this poll's serving time (now, plus the app's time
-        # for each kept before it and for itself), is answered its no-bid at once, before any
-        # is served, so it waits for none of them.
-        planned_at = turn = time.monotonic()
+        # deadline, or past its share of this poll's serving time (the app's time for each
+        # kept before it and for itself), is answered its no-bid at once, before any is
+        # served, so it waits for none of them. Serving time starts after those no-bids: the
+        # share bounds how long kept requests wait for each other, and counting the no-bids
+        # in it would shed late, after a whole poll's wait, requests the plan had kept.
+        planned = 0.0  # serving time of the requests kept so far
         queue = []
         for arrived, conn, data in peeked:
             request = self._take(conn, data, arrived)
@@ -533,19 +535,22 @@ class BalancedThreadWorker(ThreadWorker):
                 # the first of a poll is served unless past its deadline already: the estimate
                 # is only ever corrected by serving (a worker that was descheduled for a while
                 # must not go on shedding everything)
-                shed = self._shed(limits, turn + (self._service_s if queue else 0.0),
-                                  planned_at)
+                serving = planned + self._service_s if queue else 0.0
+                shed = self._shed(limits, time.monotonic() + serving, serving)
                 if shed:
                     self._answer(conn, request, shed)
                     continue
-                turn += self._service_s
+                planned += self._service_s
             queue.append((conn, request, limits))
         served, serving_from = 0, time.monotonic()
         self._accept_at = serving_from + ACCEPT_EVERY_S  # this poll saw the listener
         with self._prefetched(queue):
             for n, (conn, request, limits) in enumerate(queue):
-                shed = self._shed(limits, time.monotonic() + (self._service_s if n else 0.0),
-                                  planned_at) if limits else ""
+                if limits:
+                    done = time.monotonic() + (self._service_s if n else 0.0)
+                    shed = self._shed(limits, done, done - serving_from)
+                else:
+                    shed = ""
                 self._answer(conn, request, shed)
                 served += limits is not None and not shed
                 if self._accepting and time.monotonic() >= self._accept_at:
@@ -663,14 +668,15 @@ class BalancedThreadWorker(ThreadWorker):
         return budget, arrived + budget
 
     @staticmethod
-    def _shed(limits: tuple[float, float], done: float, planned_at: float) -> str:
-        """Why a request with ``limits``, expected to be answered at ``done``, in a poll
-        planned at ``planned_at``, gets a quick no-bid: "deadline" (it could not be answered
-        in time), "overload" (past its share of the poll's serving time); "" if none."""
+    def _shed(limits: tuple[float, float], done: float, serving: float) -> str:
+        """Why a request with ``limits``, expected to be answered at ``done``, when its poll
+        will have been serving for ``serving`` seconds, gets a quick no-bid: "deadline" (it
+        could not be answered in time), "overload" (past its share of the poll's serving
+        time); "" if none."""
         share, deadline = limits
         if done >= deadline:
             return "deadline"
-        return "overload" if done - planned_at >= share else ""
+        return "overload" if serving >= share else ""
 
     def _answer(self, conn, request: Request, shed: str) -> None:
         """Call the app (or, ``shed``, answer that no-bid without it), send the answer, keep
