@@ -72,6 +72,7 @@ SETTINGS: tuple[Setting, ...] = (
     _HOOKS["fast_path"],
     _HOOKS["deadline_paths"],
     _HOOKS["wait_share"],
+    _HOOKS["max_poll_ms"],
     _HOOKS["closed_loop_share"],
     Setting("keepalive", "--keepalive", 30, "Seconds an idle keep-alive connection is held open.",
             type=number(int, 0)),

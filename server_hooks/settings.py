@@ -125,11 +125,21 @@ SETTINGS: tuple[Setting, ...] = (
             "answers sooner and more often under overload, which an exchange with a fixed pool "
             "of connections needs to carry its requests; higher bids more when every answer is "
             "followed at once by the next request. 1: only requests that would miss their "
-            "deadline. docs/tuning.md (Overload) gives the measurements behind the default.",
+            "deadline. At most --max-poll-ms. docs/tuning.md (Overload) gives the measurements "
+            "behind the default.",
             type=number(float, 0.0, exclusive=True, maximum=1.0)),
+    Setting("max_poll_ms", "--max-poll-ms", 12.0,
+            "The longest, in ms, an overloaded worker spends serving one poll's requests on "
+            "--deadline-paths, whatever their tmax: --wait-share of the time to the deadline, "
+            "capped at this (the default is that share at tmax 50). An exchange with a fixed "
+            "pool of connections carries its requests only while answers come back fast: "
+            "uncapped, a share of a long tmax (33 ms at tmax 120) let an open loop at twice "
+            "capacity over 256 connections queue for seconds. 'off': the share alone.",
+            type=optional(number(float, 0.0, exclusive=True)), metavar="MS"),
     Setting("closed_loop_share", "--closed-loop-share", None,
-            "A --wait-share used instead while the client keeps every connection busy, each "
-            "next request coming as soon as the answer before it (for a second on end); off "
+            "A --wait-share (not capped by --max-poll-ms) used instead while the client keeps "
+            "every connection busy, each next request coming as soon as the answer before it "
+            "(for a second on end); off "
             "(the default): --wait-share whatever the client does. Against a closed loop (a "
             "fixed number of requests in flight, as wrk sends) longer polls make more bids "
             "with fewer no-bids. But an exchange whose pool of connections has run dry looks "

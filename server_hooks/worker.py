@@ -123,6 +123,7 @@ class BalancedThreadWorker(ThreadWorker):
     _prefetch = None  # the app's prefetch(environs) context, if it has one (fast path)
     _shed_counts: dict[str, int]  # fast path: quick no-bids of this poll, by reason
     _wait_share = 1.0  # --wait-share (with deadline paths)
+    _max_poll_s = math.inf  # --max-poll-ms
     _closed_loop_share: float | None = None  # --closed-loop-share (idem): None, off
     _back_to_back_since = math.inf  # since when (nearly) every request came back to back
     _window_end = 0.0  # end of the current window of requests counted for _closed_loop
@@ -213,7 +214,8 @@ class BalancedThreadWorker(ThreadWorker):
     def _bound_by_deadline(self, settings) -> None:
         """Read which requests carry a deadline (``deadline_paths``) and the app's rule for it
         (``default_tmax_ms``, ``safety_margin_ms``): none without all three settings; and the
-        share of the time to that deadline a poll may spend serving them (``wait_share``)."""
+        share of the time to that deadline a poll may spend serving them (``wait_share``, at
+        most ``max_poll_ms``)."""
         paths = [p.strip() for p in (getattr(settings, "deadline_paths", "") or "").split(",")
                  if p.strip()]
         tmax_ms = getattr(settings, "default_tmax_ms", None)
@@ -224,6 +226,8 @@ class BalancedThreadWorker(ThreadWorker):
         self._default_tmax_s = tmax_ms / 1000.0
         self._margin_s = margin_ms / 1000.0
         self._wait_share = getattr(settings, "wait_share", 1.0)
+        max_poll_ms = getattr(settings, "max_poll_ms", None)
+        self._max_poll_s = math.inf if max_poll_ms is None else max_poll_ms / 1000.0
         self._closed_loop_share = getattr(settings, "closed_loop_share", None)
 
     def set_accept_enabled(self, enabled: bool) -> None:
@@ -514,8 +518,10 @@ class BalancedThreadWorker(ThreadWorker):
             peeked.append((arrived, conn, data))
         if len(peeked) > 1:
             peeked.sort(key=itemgetter(0))
-        share = self._closed_loop_share if tracking \
-            and self._closed_loop(back_to_back, len(peeked)) else self._wait_share
+        if tracking and self._closed_loop(back_to_back, len(peeked)):
+            share, longest = self._closed_loop_share, math.inf
+        else:
+            share, longest = self._wait_share, self._max_poll_s
         # Plan the poll's requests in arrival order: one that could only be answered past its
         # deadline, or past its share of this poll's serving time (the app's time for each
         # kept before it and for itself), is answered its no-bid at once, before any is
@@ -531,7 +537,7 @@ class BalancedThreadWorker(ThreadWorker):
             limits = None
             if self._deadline_paths and data.startswith(self._deadline_paths):
                 budget, deadline = self._limits(request, arrived)
-                limits = (budget * share, deadline)
+                limits = (min(budget * share, longest), deadline)
                 # the first of a poll is served unless past its deadline already: the estimate
                 # is only ever corrected by serving (a worker that was descheduled for a while
                 # must not go on shedding everything)
@@ -647,8 +653,8 @@ class BalancedThreadWorker(ThreadWorker):
         margin, from its arrival (a gzip body is inflated to read it: about 10 us, against
         the app's decoding); a body that does not inflate, or in an encoding the app refuses,
         gets none here (infinity): the app answers it. A poll
-        serves for at most a share of that time (``wait_share``, or ``closed_loop_share``: see
-        _closed_loop) and answers the rest a quick no-bid, so its answers come well inside
+        serves for at most a share of that time (``wait_share`` capped at ``max_poll_ms``, or
+        ``closed_loop_share``, uncapped: see _closed_loop) and answers the rest a quick no-bid, so its answers come well inside
         tmax (a served request waited for at most the previous poll and this one's share) and
         an exchange's connections turn over fast enough to carry its requests (it would
         otherwise queue them on its side)."""

@@ -105,6 +105,31 @@ def test_a_lower_wait_share_answers_the_surplus_sooner(tmp_path):
     assert max(latency for _, _, latency in answers[served:]) < 0.06, answers
 
 
+@pytest.mark.parametrize("max_poll", ["8", "off"])
+def test_max_poll_ms_caps_the_share_of_a_long_tmax(tmp_path, max_poll):
+    """--wait-share 0.9 of the requests' 90 ms would serve a poll for 81 ms (four 20 ms
+    requests after the first); --max-poll-ms 8 cuts that to the first, and the rest get the
+    overload no-bid at once, as an exchange's fixed pool of connections needs whatever tmax it
+    sends. 'off' leaves the share alone."""
+    srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
+                        "--deadline-paths", "/bid", "--wait-share", "0.9",
+                        "--max-poll-ms", max_poll, "--fast-path")
+    try:
+        burst(srv, 12)
+        answers = burst(srv, 12)
+    finally:
+        srv.stop()
+    statuses = [status for status, _, _ in answers]
+    served = statuses.count(200)
+    assert statuses == [200] * served + [204] * (12 - served), statuses
+    if max_poll == "off":
+        assert served >= 3, statuses
+        return
+    assert 1 <= served <= 2, statuses
+    assert {headers["x-nobid-reason"] for _, headers, _ in answers[served:]} == {"overload"}
+    assert max(latency for _, _, latency in answers[served:]) < 0.06, answers
+
+
 def test_other_paths_are_not_shed(server):
     """A path outside --deadline-paths is served whatever its wait (here: all of them)."""
     socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
