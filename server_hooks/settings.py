@@ -139,8 +139,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("closed_loop_share", "--closed-loop-share", None,
             "A --wait-share (not capped by --max-poll-ms) used instead while the client keeps "
             "every connection busy, each next request coming as soon as the answer before it "
-            "(for a second on end); off "
-            "(the default): --wait-share whatever the client does. Against a closed loop (a "
+            "(for a second on end); off (the default): --wait-share whatever the client does. "
+            "Against a closed loop (a "
             "fixed number of requests in flight, as wrk sends) longer polls make more bids "
             "with fewer no-bids. But an exchange whose pool of connections has run dry looks "
             "the same, and longer polls then answer fewer requests than it sends: its queue "

@@ -652,12 +652,12 @@ class BalancedThreadWorker(ThreadWorker):
         deadline is the app's: tmax (read from the bytes, else the app's default) less the
         margin, from its arrival (a gzip body is inflated to read it: about 10 us, against
         the app's decoding); a body that does not inflate, or in an encoding the app refuses,
-        gets none here (infinity): the app answers it. A poll
-        serves for at most a share of that time (``wait_share`` capped at ``max_poll_ms``, or
-        ``closed_loop_share``, uncapped: see _closed_loop) and answers the rest a quick no-bid, so its answers come well inside
-        tmax (a served request waited for at most the previous poll and this one's share) and
-        an exchange's connections turn over fast enough to carry its requests (it would
-        otherwise queue them on its side)."""
+        gets none here (infinity): the app answers it. A poll serves for at most a share of
+        that time (``wait_share`` capped at ``max_poll_ms``, or ``closed_loop_share``,
+        uncapped: see _closed_loop) and answers the rest a quick no-bid, so its answers come
+        well inside tmax (a served request waited for at most the previous poll and this
+        one's share) and an exchange's connections turn over fast enough to carry its
+        requests (it would otherwise queue them on its side)."""
         environ = request.environ
         body = environ["wsgi.input"].getvalue()
         encoding = environ.get("HTTP_CONTENT_ENCODING", "identity").lower()
