@@ -86,23 +86,34 @@ def test_late_requests_get_a_deadline_nobid_in_arrival_order(server, gzip_body):
     assert max(latency for _, _, latency in answers) < TMAX_MS / 1000 + 0.15, answers
 
 
-def test_a_lower_wait_share_answers_the_surplus_sooner(tmp_path):
-    """--wait-share 0.1: the worker serves a poll for 9 ms of the requests' 90, so the first
-    of the poll is served and the rest, which would start 20 ms later each, get the worker's
-    overload no-bid at once, long before their deadline."""
+def burst_on_its_own_server(tmp_path, *serve_args: str) -> list[tuple[int, dict, float]]:
+    """The answers to a second burst of 12 on a server of one worker started with
+    ``serve_args`` (the first burst teaches it the app's time per request)."""
     srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
-                        "--deadline-paths", "/bid", "--wait-share", "0.1", "--fast-path")
+                        "--deadline-paths", "/bid", "--fast-path", *serve_args)
     try:
         burst(srv, 12)
-        answers = burst(srv, 12)
+        return burst(srv, 12)
     finally:
         srv.stop()
+
+
+def assert_one_poll_served_and_the_rest_shed_at_once(answers) -> None:
+    """The first one or two of the poll served, the rest answered the overload no-bid when
+    the poll was planned, before the served one's 20 ms (generously: shared box)."""
     statuses = [status for status, _, _ in answers]
     served = statuses.count(200)
     assert 1 <= served <= 2 and statuses == [200] * served + [204] * (12 - served), statuses
     assert {headers["x-nobid-reason"] for _, headers, _ in answers[served:]} == {"overload"}
-    # answered when the poll is planned, before the served one's 20 ms (generously: shared box)
     assert max(latency for _, _, latency in answers[served:]) < 0.06, answers
+
+
+def test_a_lower_wait_share_answers_the_surplus_sooner(tmp_path):
+    """--wait-share 0.1: the worker serves a poll for 9 ms of the requests' 90, so the first
+    of the poll is served and the rest, which would start 20 ms later each, get the worker's
+    overload no-bid at once, long before their deadline."""
+    answers = burst_on_its_own_server(tmp_path, "--wait-share", "0.1")
+    assert_one_poll_served_and_the_rest_shed_at_once(answers)
 
 
 @pytest.mark.parametrize("max_poll", ["8", "off"])
@@ -111,23 +122,13 @@ def test_max_poll_ms_caps_the_share_of_a_long_tmax(tmp_path, max_poll):
     requests after the first); --max-poll-ms 8 cuts that to the first, and the rest get the
     overload no-bid at once, as an exchange's fixed pool of connections needs whatever tmax it
     sends. 'off' leaves the share alone."""
-    srv = launch_server(tmp_path, "--workers", "1", "--app", "tests.apps.slow_echo:app",
-                        "--deadline-paths", "/bid", "--wait-share", "0.9",
-                        "--max-poll-ms", max_poll, "--fast-path")
-    try:
-        burst(srv, 12)
-        answers = burst(srv, 12)
-    finally:
-        srv.stop()
-    statuses = [status for status, _, _ in answers]
-    served = statuses.count(200)
-    assert statuses == [200] * served + [204] * (12 - served), statuses
+    answers = burst_on_its_own_server(tmp_path, "--wait-share", "0.9", "--max-poll-ms", max_poll)
     if max_poll == "off":
-        assert served >= 3, statuses
-        return
-    assert 1 <= served <= 2, statuses
-    assert {headers["x-nobid-reason"] for _, headers, _ in answers[served:]} == {"overload"}
-    assert max(latency for _, _, latency in answers[served:]) < 0.06, answers
+        statuses = [status for status, _, _ in answers]
+        served = statuses.count(200)
+        assert served >= 3 and statuses == [200] * served + [204] * (12 - served), statuses
+    else:
+        assert_one_poll_served_and_the_rest_shed_at_once(answers)
 
 
 def test_other_paths_are_not_shed(server):
