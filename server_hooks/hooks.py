@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import queue
 import resource
 import signal
 
@@ -84,24 +85,36 @@ def pre_fork(server, worker) -> None:
     worker.board = _slots.board
 
 
-def stop_early(worker) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def stop_early(worker, inherited: queue.SimpleQueue | None = None) -> None:
     """Make a stop signal that arrives before the worker's own handlers count.
 
     Until Gunicorn's ``init_signals`` (after ``post_fork`` and the app's per-process set-up),
     the child runs the master's handlers, which only queue a signal for the master's loop: a
     SIGTERM sent then (a server stopped or reloaded just after it started) was lost, and the
     worker served on until the master killed it after the graceful timeout. With these, the
-    worker leaves its loop as soon as it would enter it."""
+    worker leaves its loop as soon as it would enter it. One that came even before them, while
+    the child was still on its way to ``post_fork``, sits in the child's copy of the master's
+    queue (``inherited``, the arbiter's ``SIG_QUEUE``): it counts too."""
     def stop(signum, frame) -> None:
         worker.alive = False
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
+    while inherited is not None:
+        try:
+            signum = inherited.get_nowait()
+        except queue.Empty:
+            break
+        if signum in STOP_SIGNALS:
+            worker.alive = False
 
 
 def post_fork(server, worker) -> None:
     """Worker, just after fork: heed stop signals, pin, set the slice, say where it runs."""
-    stop_early(worker)
+    stop_early(worker, getattr(server, "SIG_QUEUE", None))
     settings = _settings(server)
     if settings.pin or settings.reserve_cpus:
         # unpinned, a worker still keeps off the reserved CPUs: it may run on any of the rest

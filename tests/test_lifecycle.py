@@ -113,6 +113,33 @@ print("alive" if worker.alive else "stopping")
     assert done.stdout.strip() == "stopping"
 
 
+def test_a_stop_signal_before_post_fork_is_not_lost_either():
+    """Earlier still, between fork and ``post_fork``, the master's handler (here its very
+    code: put the signal in the arbiter's queue) took a SIGTERM into the child's copy of that
+    queue; the worker served on until killed after the graceful timeout (once in session 10's
+    five runs of the test below). ``stop_early`` now reads that copy (a real signal, to a real
+    process)."""
+    code = """
+import os, queue, signal
+from types import SimpleNamespace
+from server_hooks.hooks import stop_early
+def child(signals):
+    inherited = queue.SimpleQueue()
+    inherited.put_nowait(signal.SIGCHLD)  # what else the master had queued: not a stop
+    signal.signal(signal.SIGTERM, lambda signum, frame: inherited.put_nowait(signum))
+    for signum in signals:  # reaches the master's handler, as before post_fork
+        os.kill(os.getpid(), signum)
+    worker = SimpleNamespace(alive=True)
+    stop_early(worker, inherited)
+    return "alive" if worker.alive else "stopping"
+print(child([]), child([signal.SIGTERM]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "alive stopping"
+
+
 def test_a_server_stopped_just_after_it_started_stops_at_once(start_server):
     """Stopped as soon as one worker answers, while the other may still be setting up (on a
     busy box, without stop_early, it ran on until killed 10 s later in 3 of 4 runs)."""
