@@ -25,6 +25,9 @@ RATES = Rates.parse(BY_NAME["currency_rates"].default)
 def auction(path: str | None = None, ledger: str = ":memory:") -> Auction:
     catalog = catalog_mod.load(path, RATES)
     budgets = Budgets(catalog, RATES, lambda: open_ledger(ledger))
+    # refilled here, a round at a time: its thread, started with it, must not refill at once
+    # (two first rounds opened the ledger together: "database is locked" on a new file)
+    budgets.leases.stop()
     budgets.leases.refill()  # leased, as a worker is before it is ready: budgets do not vary
     return Auction(catalog, RATES, NoticeSigner("http://bidder", "s"), budgets)
 
