@@ -186,6 +186,13 @@ class BalancedThreadWorker(ThreadWorker):
         the fast path unless the app's ``fast_path`` setting is off."""
         cfg = self.cfg
         self._gated = not cfg.is_ssl  # TLS bytes cannot be peeked at
+        if self._gated:
+            # On the listeners, for the worker's life, not on each accepted socket (which
+            # inherits it): the kernel stamps arriving packets only while some socket asks,
+            # and turns that on from a work queue, so bytes that arrived just after the last
+            # stamped socket closed (a quiet moment) came without a time and sorted last.
+            for listener in self.sockets:
+                listener.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         # 0 means "unlimited" to Gunicorn; the line and field sizes are then its maxima.
         line, field = cfg.limit_request_line or 8190, cfg.limit_request_field_size or 8190
         self._head_limit = line + 2 + cfg.limit_request_fields * (field + 2) + 2
@@ -293,8 +300,6 @@ class BalancedThreadWorker(ThreadWorker):
         stall = struct.pack("ll", IO_STALL_S, 0)
         client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, stall)
         client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, stall)
-        if self._gated:
-            client_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
         conn.timeout = time.monotonic() + self.cfg.keepalive
         conn.answered_at = 0.0
