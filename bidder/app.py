@@ -40,7 +40,7 @@ from bidder.notices import KINDS, NoticeError, NoticeExpired, NoticeSigner, secr
 from bidder.openrtb import BidRequest, InvalidRequest, decode, encode_response
 from bidder.settings import Settings
 from bidder.model_handle import ModelHandle
-from server_hooks.environ import READY_AT
+from server_hooks.environ import INFLATED, READY_AT
 from server_hooks.framing import GZIP_CODINGS, InflatesTooLarge, gunzip
 
 log = logging.getLogger("bidder.app")
@@ -153,13 +153,15 @@ class BidResource:
         :meth:`BidderApp.prefetch`); None for anything else (it is handled entirely in its
         turn, where any problem is answered). Stored in the environ under EARLY."""
         if environ.get("PATH_INFO") != BID_PATH or environ.get("REQUEST_METHOD") != "POST" \
-                or environ.get("CONTENT_TYPE") != "application/json" \
-                or environ.get("HTTP_CONTENT_ENCODING", "identity") != "identity":
+                or environ.get("CONTENT_TYPE") != "application/json":
             return None
-        stream = environ.get("wsgi.input")
-        if not isinstance(stream, io.BytesIO):
-            return None
-        body = stream.getvalue()
+        body = environ.get(INFLATED)  # a gzip body the worker inflated
+        if body is None:
+            stream = environ.get("wsgi.input")
+            if environ.get("HTTP_CONTENT_ENCODING", "identity") != "identity" \
+                    or not isinstance(stream, io.BytesIO):
+                return None
+            body = stream.getvalue()
         if not body or len(body) > self.max_body:
             return None
         try:
@@ -238,7 +240,8 @@ class BidResource:
             raise PayloadTooLarge(f"body is over the {self.max_body}-byte limit")
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
         if encoding in GZIP_CODINGS:
-            body = self._gunzip(body)
+            inflated = req.env.get(INFLATED)  # by the worker, to read its tmax
+            body = self._gunzip(body) if inflated is None else inflated
         elif encoding != "identity":
             raise UnsupportedMediaType(
                 f"Content-Encoding {encoding!r} is not supported: send identity or gzip")

@@ -49,7 +49,7 @@ from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from server_hooks import metrics
 from server_hooks.balance import RECHECK_S, Balancer
-from server_hooks.environ import READY_AT
+from server_hooks.environ import INFLATED, READY_AT
 from server_hooks.fastpath import FastPath, Request
 from server_hooks.framing import (ARRIVAL_S, CONTINUE_100, REFUSALS, REFUSED_STATUS,
                                   SO_TIMESTAMPNS, TIMEOUT_408, TIMESTAMP_SPACE, Arrival, arrival,
@@ -668,7 +668,7 @@ class BalancedThreadWorker(ThreadWorker):
         encoding = environ.get("HTTP_CONTENT_ENCODING", "identity").lower()
         if encoding in GZIP_CODINGS:
             try:
-                body = gunzip(body, self._max_body)
+                body = environ[INFLATED] = gunzip(body, self._max_body)
             except ValueError:
                 return math.inf, math.inf  # the app answers why (400 or 413)
         elif encoding != "identity":

@@ -1,6 +1,7 @@
 """Notices, budgets and frequency caps (nothing lost or counted twice); memcached faults."""
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -300,18 +301,23 @@ def test_bids_in_flight_for_one_user_pass_a_cap_by_at_most_the_workers_racing(st
         assert 1 <= len(capped) <= 2, (user, len(capped))  # cap + (workers - 1)
 
 
+@pytest.mark.parametrize("gzip_body", [False, True], ids=["identity", "gzip"])
 def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_server,
-                                                                          memcached):
+                                                                          memcached, gzip_body):
     """Eight requests of one capped user (cap 1) reach a stopped worker together, so one poll
     serves them all: their look-ups take one memcached round trip, and the first bid's
-    reservation counts for the rest of the poll, so exactly one of them bids."""
+    reservation counts for the rest of the poll, so exactly one of them bids. Gzip bodies
+    alike: the worker inflates them to read their tmax and hands the app that body (before,
+    each read its own look-ups: eight round trips)."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", "--fast-path",
                           memcached=memcached.address)  # the prefetch is the fast path's
 
     def post(payload: dict) -> bytes:
-        body = json.dumps(payload).encode()
+        body, encoding = json.dumps(payload).encode(), b""
+        if gzip_body:
+            body, encoding = gzip.compress(body), b"\r\nContent-Encoding: gzip"
         return (b"POST /openrtb2/bid HTTP/1.1\r\nHost: bidder\r\nContent-Type: application/json"
-                b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                b"%s\r\nContent-Length: %d\r\n\r\n" % (encoding, len(body)) + body)
 
     def answer(sock: socket.socket) -> tuple[int, str | None]:
         response = http.client.HTTPResponse(sock)
@@ -333,7 +339,7 @@ def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_s
     os.kill(worker, signal.SIGSTOP)
     try:
         for s in socks:
-            s.sendall(post(site_request(country="FRA", user={"id": "poll-user"})))
+            s.sendall(post(site_request(country="FRA", user={"id": f"poll-user-{gzip_body}"})))
     finally:
         os.kill(worker, signal.SIGCONT)
     answers = [answer(s) for s in socks]
