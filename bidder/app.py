@@ -153,7 +153,7 @@ class BidResource:
         :meth:`BidderApp.prefetch`); None for anything else (it is handled entirely in its
         turn, where any problem is answered). Stored in the environ under EARLY."""
         if environ.get("PATH_INFO") != BID_PATH or environ.get("REQUEST_METHOD") != "POST" \
-                or environ.get("CONTENT_TYPE") != "application/json":
+                or content_type_problem(environ.get("CONTENT_TYPE", "")):
             return None
         body = environ.get(INFLATED)  # a gzip body the worker inflated
         if body is None:
@@ -218,9 +218,9 @@ class BidResource:
         metrics.tally.inc(metrics.BIDS, sum(len(sb.bid) for sb in outcome.seatbid))
 
     def _read_body(self, req: falcon.Request) -> bytes:
-        content_type = req.content_type
-        if content_type != "application/json":  # the common case needs no parsing
-            self._check_content_type(content_type or "")
+        problem = content_type_problem(req.content_type or "")
+        if problem:
+            raise UnsupportedMediaType(problem)
         length = req.content_length
         if length is not None and length > self.max_body:
             if length <= 2 * self.max_body:  # read it off so the connection can carry the next
@@ -257,18 +257,6 @@ class BidResource:
         except OSError:
             pass
 
-    @staticmethod
-    def _check_content_type(content_type: str) -> None:
-        media_type, _, params = content_type.lower().partition(";")
-        if media_type.strip() not in JSON_TYPES:
-            raise UnsupportedMediaType(
-                f"Content-Type {content_type} is not supported: send the BidRequest as "
-                "application/json")
-        charset = params.partition("charset=")[2].split(";", 1)[0].strip(' "')
-        if charset in NOT_UTF8:
-            raise UnsupportedMediaType(f"charset {charset} is not supported: JSON between "
-                                       "systems is UTF-8 (RFC 8259 8.1); send it as UTF-8")
-
     def _gunzip(self, data: bytes) -> bytes:
         """The inflated body (``framing.gunzip``), or why not as a 400 or 413."""
         try:
@@ -277,6 +265,22 @@ class BidResource:
             raise PayloadTooLarge(str(exc)) from None
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+
+
+@lru_cache(maxsize=256)
+def content_type_problem(content_type: str) -> str:
+    """Why the bid path does not read a body of ``content_type`` as JSON ("" if it does: JSON
+    types, and text ones exchanges send it as, in UTF-8). Cached: an exchange sends the same
+    few header values again and again."""
+    media_type, _, params = content_type.lower().partition(";")
+    if media_type.strip() not in JSON_TYPES:
+        return (f"Content-Type {content_type} is not supported: send the BidRequest as "
+                "application/json")
+    charset = params.partition("charset=")[2].split(";", 1)[0].strip(' "')
+    if charset in NOT_UTF8:
+        return (f"charset {charset} is not supported: JSON between systems is UTF-8 "
+                "(RFC 8259 8.1); send it as UTF-8")
+    return ""
 
 
 @lru_cache(maxsize=256)

@@ -301,23 +301,26 @@ def test_bids_in_flight_for_one_user_pass_a_cap_by_at_most_the_workers_racing(st
         assert 1 <= len(capped) <= 2, (user, len(capped))  # cap + (workers - 1)
 
 
-@pytest.mark.parametrize("gzip_body", [False, True], ids=["identity", "gzip"])
+@pytest.mark.parametrize("body", ["identity", "gzip", "charset"])
 def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_server,
-                                                                          memcached, gzip_body):
+                                                                          memcached, body):
     """Eight requests of one capped user (cap 1) reach a stopped worker together, so one poll
     serves them all: their look-ups take one memcached round trip, and the first bid's
-    reservation counts for the rest of the poll, so exactly one of them bids. Gzip bodies
-    alike: the worker inflates them to read their tmax and hands the app that body (before,
-    each read its own look-ups: eight round trips)."""
+    reservation counts for the rest of the poll, so exactly one of them bids. Alike for gzip
+    bodies (the worker inflates them to read their tmax and hands the app that body) and for
+    a Content-Type with a charset; before, each of those read its own look-ups: eight round
+    trips."""
     server = start_server("--campaigns", CATALOG, "--workers", "1", "--fast-path",
                           memcached=memcached.address)  # the prefetch is the fast path's
 
     def post(payload: dict) -> bytes:
-        body, encoding = json.dumps(payload).encode(), b""
-        if gzip_body:
-            body, encoding = gzip.compress(body), b"\r\nContent-Encoding: gzip"
+        data, fields = json.dumps(payload).encode(), b""
+        if body == "gzip":
+            data, fields = gzip.compress(data), b"\r\nContent-Encoding: gzip"
+        elif body == "charset":
+            fields = b"; charset=utf-8"
         return (b"POST /openrtb2/bid HTTP/1.1\r\nHost: bidder\r\nContent-Type: application/json"
-                b"%s\r\nContent-Length: %d\r\n\r\n" % (encoding, len(body)) + body)
+                b"%s\r\nContent-Length: %d\r\n\r\n" % (fields, len(data)) + data)
 
     def answer(sock: socket.socket) -> tuple[int, str | None]:
         response = http.client.HTTPResponse(sock)
@@ -339,7 +342,7 @@ def test_requests_of_one_poll_share_a_round_trip_and_the_cap_still_holds(start_s
     os.kill(worker, signal.SIGSTOP)
     try:
         for s in socks:
-            s.sendall(post(site_request(country="FRA", user={"id": f"poll-user-{gzip_body}"})))
+            s.sendall(post(site_request(country="FRA", user={"id": f"poll-user-{body}"})))
     finally:
         os.kill(worker, signal.SIGCONT)
     answers = [answer(s) for s in socks]
