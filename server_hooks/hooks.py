@@ -103,12 +103,8 @@ def stop_early(worker, inherited: queue.SimpleQueue | None = None) -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
-    while inherited is not None:
-        try:
-            signum = inherited.get_nowait()
-        except queue.Empty:
-            break
-        if signum in STOP_SIGNALS:
+    while inherited is not None and not inherited.empty():  # handlers only ever add to it
+        if inherited.get_nowait() in STOP_SIGNALS:
             worker.alive = False
 
 
