@@ -20,8 +20,7 @@ SHED = Counter("bidder_worker_nobids_total",
                "deadline = taken up too late to answer within tmax less the safety margin, "
                "counted from the kernel's receive time; overload = past its share of the poll's "
                "serving time (--wait-share, at most --max-poll-ms, or --closed-loop-share: an "
-               "overloaded worker answers "
-               "the rest of a poll at once). Not in "
+               "overloaded worker answers the rest of a poll at once). Not in "
                "bidder_requests_total or bidder_nobids_total, which the app counts.", ["reason"])
 SHED.labels("deadline")
 SHED.labels("overload")

@@ -141,11 +141,10 @@ SETTINGS: tuple[Setting, ...] = (
             "every connection busy, each next request coming as soon as the answer before it "
             "(for a second on end); off (the default): --wait-share whatever the client does. "
             "Against a closed loop (a fixed number of requests in flight, as wrk sends) longer "
-            "polls make more bids "
-            "with fewer no-bids. But an exchange whose pool of connections has run dry looks "
-            "the same, and longer polls then answer fewer requests than it sends: its queue "
-            "grows without bound (p99 0.2-0.8 s at twice capacity with 0.5). docs/tuning.md "
-            "(Overload) gives the measurements.",
+            "polls make more bids with fewer no-bids. But an exchange whose pool of "
+            "connections has run dry looks the same, and longer polls then answer fewer "
+            "requests than it sends: its queue grows without bound (p99 0.2-0.8 s at twice "
+            "capacity with 0.5). docs/tuning.md (Overload) gives the measurements.",
             type=optional(number(float, 0.0, exclusive=True, maximum=1.0)), metavar="SHARE"),
     Setting("max_body_bytes", "--max-body-bytes", 64 * 1024,
             "Largest request body accepted (after gzip decoding); larger gets 413.",
